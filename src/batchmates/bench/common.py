@@ -6,7 +6,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -51,8 +50,9 @@ def measure(
 ) -> tuple[float, float | None]:
     """Median wall time in ms of ``fn()`` and its peak memory in MiB.
 
-    On CUDA the peak is ``torch.cuda.max_memory_allocated`` above the memory held before the call. On CPU it is
-    measured by tracing the allocator when available, else None (CPU peak memory is not reliably attributable).
+    On CUDA the peak is ``torch.cuda.max_memory_allocated`` above the memory held before the call. On CPU the
+    peak is None: PyTorch exposes no allocator statistics there (the profiler's per-op accounting double-counts
+    nested ops), so memory claims in the docs come from CUDA runs.
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -74,29 +74,7 @@ def measure(
         fn()
         _sync(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = _cpu_peak_mb(fn)
     return statistics.median(times), peak
-
-
-def _cpu_peak_mb(fn: Callable[[], Any]) -> float | None:
-    """Peak extra memory of one call on CPU via the PyTorch profiler's memory accounting."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        # Running sum of allocation deltas in event order gives the peak of live tensor memory.
-        events = sorted(
-            (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)), key=lambda e: e.time_range.start
-        )
-        cur = peak = 0
-        for e in events:
-            cur += e.cpu_memory_usage
-            peak = max(peak, cur)
-        return peak / 2**20
-    except Exception:  # noqa: BLE001 - memory accounting is best-effort on CPU
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -109,10 +87,32 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def is_ours(impl: str) -> bool:
+    """Rows whose ``impl`` is batchmates' own code (named ``ours...`` or ``batchmates...``)."""
+    return impl.startswith(("ours", "batchmates"))
+
+
 def rows_to_markdown(rows: list[BenchRow], hardware: str) -> str:
-    """A Markdown table with speed-ups of ours vs each peer per case."""
-    lines = [f"Hardware: {hardware}", "", "| benchmark | case | impl | time (ms) | peak mem (MiB) |", "|---|---|---|---:|---:|"]
+    """A Markdown table; ``peer ÷ ours`` is each row's time over batchmates' best time in the same case
+    (above 1: ours is that many times faster)."""
+    best: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if is_ours(r.impl) and r.time_ms == r.time_ms:  # skip NaN (failed/skipped)
+            key = (r.benchmark, r.case)
+            best[key] = min(best.get(key, float("inf")), r.time_ms)
+    lines = [
+        f"Hardware: {hardware}",
+        "",
+        "| benchmark | case | impl | time (ms) | peak mem (MiB) | time ÷ ours |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for r in rows:
         mem = "—" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
-        lines.append(f"| {r.benchmark} | {r.case} | {r.impl} | {r.time_ms:.2f} | {mem} |")
+        t = "failed/skipped" if r.time_ms != r.time_ms else f"{r.time_ms:.2f}"
+        ours = best.get((r.benchmark, r.case))
+        ratio = "—" if ours is None or r.time_ms != r.time_ms or ours <= 0 else f"{r.time_ms / ours:.2f}×"
+        note = ""
+        if r.extra and ("skipped" in r.extra or "error" in r.extra):
+            note = f" ({r.extra.get('skipped') or r.extra.get('error')})"
+        lines.append(f"| {r.benchmark} | {r.case} | {r.impl}{note} | {t} | {mem} | {ratio} |")
     return "\n".join(lines) + "\n"

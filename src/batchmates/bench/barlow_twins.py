@@ -1,0 +1,66 @@
+"""Barlow Twins benchmark: forward+backward time and peak memory, ours vs ``lightly.loss.BarlowTwinsLoss``.
+
+Ours picks the ``N×N`` Gram form when ``2N < D`` in one process (``algorithm="auto"``); the ``D×D`` cross-correlation
+form is also measured so the gain of each choice is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from batchmates.bench.common import BenchRow, measure
+from batchmates.losses.barlow_twins import barlow_twins_loss
+
+LAMBDA = 0.0051
+
+
+def _step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor):
+    def step() -> None:
+        a.grad = None
+        b.grad = None
+        loss_fn(a, b).backward()
+
+    return step
+
+
+def _try_measure(fn: Callable[[], None], device: str) -> tuple[float, float | None, dict | None]:
+    try:
+        t, mem = measure(fn, device, warmup=1, iters=3)
+        return t, mem, None
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM on small machines is a result, not a crash
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return float("nan"), None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def run(device: str, quick: bool) -> list[BenchRow]:
+    """Benchmark rows for Barlow Twins. ``quick``: tiny sizes that run in seconds on CPU (smoke test)."""
+    cases = [(32, 64), (64, 128)] if quick else [(256, 2048), (256, 8192), (1024, 2048), (1024, 8192)]
+    gen = torch.Generator().manual_seed(0)
+    try:
+        from lightly.loss import BarlowTwinsLoss as LightlyBT
+
+        lightly_fn: Callable | None = LightlyBT(lambda_param=LAMBDA)
+        note = None
+    except ImportError:
+        lightly_fn, note = None, "lightly not installed: impl skipped"
+
+    impls: list[tuple[str, Callable | None]] = [
+        ("ours", lambda a, b: barlow_twins_loss(a, b, lambda_param=LAMBDA)),
+        ("ours-cross", lambda a, b: barlow_twins_loss(a, b, lambda_param=LAMBDA, algorithm="cross")),
+        ("lightly", lightly_fn),
+    ]
+    rows: list[BenchRow] = []
+    for n, d in cases:
+        a = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+        b = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+        case = f"B={n}, D={d}"
+        for name, fn in impls:
+            if fn is None:
+                rows.append(BenchRow("barlow_twins", case, name, float("nan"), None, device, {"skipped": note}))
+                continue
+            t, mem, err = _try_measure(_step(fn, a, b), device)
+            rows.append(BenchRow("barlow_twins", case, name, t, mem, device, err))
+    return rows

@@ -1,0 +1,151 @@
+"""SupCon benchmark: forward+backward time and peak memory, ours (dense, chunked) vs peers.
+
+Peers, measured side by side in one run:
+* ``pml``: ``pytorch_metric_learning.losses.SupConLoss`` (scaled by τ/τ_base), which builds several ``[VN, VN]``
+  float matrices;
+* ``official``: :func:`official_supcon`, a faithful transcription of the official SupContrast formula
+  (HobbitLong/SupContrast ``losses.py``, post PR #142), written here for reference only.
+Ours: ``supcon_loss`` dense (one ``[VN, VN]`` buffer) and chunked (blocks recomputed in backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from batchmates.bench.common import BenchRow, measure
+from batchmates.losses.supcon import supcon_loss
+
+TEMPERATURE = 0.1
+BASE_TEMPERATURE = 0.07
+
+
+def official_supcon(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: str = "all",
+) -> torch.Tensor:
+    """OFFICIAL SUPCON FORMULA, transcribed for benchmarking and as a test reference (not used by the library).
+
+    Khosla et al. 2020 (arXiv:2004.11362), SupContrast ``SupConLoss.forward``: full ``[VN, VN]`` logits, float
+    masks built by ``repeat`` and ``scatter``, row-max subtraction, anchors without positive giving 0.
+    Features must already be L2-normalised, shape ``[N, V, D]``.
+    """
+    device = features.device
+    batch_size, n_views = features.shape[0], features.shape[1]
+    if labels is None and mask is None:
+        mask = torch.eye(batch_size, dtype=torch.float32, device=device)
+    elif labels is not None:
+        labels = labels.contiguous().view(-1, 1)
+        mask = torch.eq(labels, labels.T).float().to(device)
+    else:
+        mask = mask.float().to(device)
+    contrast_count = n_views
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    if contrast_mode == "one":
+        anchor_feature = features[:, 0]
+        anchor_count = 1
+    else:
+        anchor_feature = contrast_feature
+        anchor_count = contrast_count
+    anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(anchor_count, contrast_count).to(logits.dtype)
+    logits_mask = torch.scatter(
+        torch.ones_like(mask), 1, torch.arange(batch_size * anchor_count, device=device).view(-1, 1), 0
+    )
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mask_pos_pairs = mask.sum(1)
+    mask_pos_pairs = torch.where(mask_pos_pairs < 1e-6, torch.ones_like(mask_pos_pairs), mask_pos_pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask_pos_pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(anchor_count, batch_size).mean()
+
+
+def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        loss_fn(x).backward()
+
+    return step
+
+
+def _try_measure(fn: Callable[[], None], device: str) -> tuple[float, float | None, dict | None]:
+    try:
+        t, mem = measure(fn, device, warmup=1, iters=3)
+        return t, mem, None
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM on small machines is a result, not a crash
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return float("nan"), None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def run(device: str, quick: bool) -> list[BenchRow]:
+    """Benchmark rows for SupCon. ``quick``: tiny sizes that run in seconds on CPU (smoke test)."""
+    rows: list[BenchRow] = []
+    dim = 16 if quick else 128
+    sizes = [32, 64] if quick else [1024, 4096]
+    big = 256 if quick else 16384
+    chunk = 64 if quick else 4096
+    n_classes = 10 if quick else 100
+    gen = torch.Generator().manual_seed(0)
+
+    try:
+        from pytorch_metric_learning.losses import SupConLoss as PMLSupCon
+
+        pml = PMLSupCon(temperature=TEMPERATURE)
+        pml_note = None
+    except ImportError:
+        pml, pml_note = None, "pytorch_metric_learning not installed: impl skipped"
+
+    def ours(chunk_size: int | None):
+        def f(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return supcon_loss(
+                x, labels, temperature=TEMPERATURE, base_temperature=BASE_TEMPERATURE, chunk_size=chunk_size,
+                chunk_threshold=None, normalize=True,
+            )
+
+        return f
+
+    def official(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.normalize(x, dim=-1)
+        return official_supcon(z, labels, temperature=TEMPERATURE, base_temperature=BASE_TEMPERATURE)
+
+    def pml_loss(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n, v, d = x.shape
+        emb = x.transpose(0, 1).reshape(n * v, d)
+        return pml(emb, labels.repeat(v)) * (TEMPERATURE / BASE_TEMPERATURE)
+
+    impls: list[tuple[str, Callable | None]] = [
+        ("ours-dense", ours(None)),
+        (f"ours-chunked({chunk})", ours(chunk)),
+        ("official", official),
+        ("pml", pml),
+    ]
+    for n in sizes:
+        x = torch.randn(n, 2, dim, generator=gen).to(device).requires_grad_(True)
+        labels = torch.randint(0, n_classes, (n,), generator=gen).to(device)
+        case = f"N={n}x2 views, D={dim}"
+        for name, fn in impls:
+            if name == "pml":
+                if pml is None:
+                    rows.append(BenchRow("supcon", case, name, float("nan"), None, device, {"skipped": pml_note}))
+                    continue
+                fn = pml_loss
+            t, mem, err = _try_measure(_fwd_bwd(lambda z, fn=fn, y=labels: fn(z, y), x), device)
+            rows.append(BenchRow("supcon", case, name, t, mem, device, err))
+
+    x = torch.randn(big, 2, dim, generator=gen).to(device).requires_grad_(True)
+    labels = torch.randint(0, n_classes, (big,), generator=gen).to(device)
+    case = f"N={big}x2 views, D={dim} (memory)"
+    for name, fn in [("ours-dense", ours(None)), (f"ours-chunked({chunk})", ours(chunk))]:
+        t, mem, err = _try_measure(_fwd_bwd(lambda z, fn=fn, y=labels: fn(z, y), x), device)
+        rows.append(BenchRow("supcon", case, name, t, mem, device, err))
+    return rows

@@ -1,0 +1,479 @@
+"""Supervised Contrastive loss (SupCon) and its label-free special case SimCLR / NT-Xent.
+
+Paper: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020, arXiv:2004.11362 (the ``L_out`` form,
+eq. 2), as released in the official code (HobbitLong/SupContrast). NT-Xent: Chen et al., "A Simple Framework for
+Contrastive Learning of Visual Representations", arXiv:2002.05709.
+
+For features ``z`` of shape ``[N, V, D]`` (``V`` views of ``N`` samples), the anchors ``A`` are all ``V·N``
+views (``contrast_mode="all"``) or the first view of each sample (``"one"``); the contrast set is all ``V·N``
+views. With ``s_ij = z_i·z_j / τ`` and ``P(i)`` the views sharing ``i``'s label (``i`` itself excluded)::
+
+    ℓ_i = -(τ / τ_base) · 1/|P(i)| · Σ_{p∈P(i)} [ s_ip − log Σ_{j≠i} exp(s_ij) ]        (paper, eq. 2)
+    L   = mean_i ℓ_i                                                                      (paper / official)
+
+No labels and no mask gives SimCLR (the positive of a view is the other views of the same sample).
+
+Paper / official code:
+    the formula above, defaults ``τ = τ_base = 0.07``, self-pairs excluded from positives and denominator,
+    ``contrast_mode`` "all"/"one", an explicit (possibly asymmetric or weighted) ``[N, N]`` mask as an
+    alternative to labels, and an anchor without positive contributing 0 while still counting in the mean
+    (official behaviour since SupContrast PR #142).
+Library choices:
+    * ``normalize=True`` by default: features are L2-normalised inside (the paper normalises in the model;
+      re-normalising unit vectors changes neither the value nor the gradient w.r.t. the model's pre-normalised
+      output, so this default is safe and protects users who forget it).
+    * ``reduction="mean_positive"`` (mean over anchors that have a positive) and ``"none"`` (per-anchor values
+      ``[V, N_local]``, view-major; ``[1, N_local]`` for ``contrast_mode="one"``).
+    * The positive term is computed from per-class sums of the contrast features (``Σ_{p∈P(i)} s_ip =
+      z_i·(S_{y_i} − z_i)/τ``), so no ``[VN, VN]`` mask or float mask is ever built; the denominator is one
+      log-sum-exp per anchor in a custom autograd function that keeps a single ``[VN, VN]`` buffer (dense) or
+      streams ``chunk × chunk`` blocks and recomputes them in backward (chunked: peak memory linear in N).
+    * Everything runs in float32 or higher, with autocast disabled inside (bf16/fp16 inputs are upcast;
+      ``exp(1/0.05)`` would overflow fp16). The loss is returned in that compute dtype.
+    * Global batch under ``torch.distributed`` (``gather=True``): each rank's anchors are contrasted with the
+      gathered global set, and the reduction is made global with :func:`batchmates.distributed.all_reduce_sum`,
+      so every rank returns the same loss and DDP-averaged gradients equal single-process gradients.
+    * A single view of a single sample (no contrast sample other than itself) and SimCLR with one view
+      (no positive at all) raise ``ValueError`` instead of returning NaN or a silent 0.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from batchmates import distributed as bdist
+
+__all__ = ["supcon_loss", "SupConLoss", "NTXentLoss"]
+
+Reduction = Literal["mean", "mean_positive", "none"]
+_REDUCTIONS = ("mean", "mean_positive", "none")
+_DEFAULT_BLOCK = 4096
+
+
+def _no_autocast(device: torch.device):
+    """Context disabling autocast on ``device`` (a no-op where autocast does not exist for that device type)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # pragma: no cover - exotic device types
+        return nullcontext()
+
+
+def _mask_self_(logits: Tensor, self_col: Tensor, col0: int) -> None:
+    """Set ``logits[r, self_col[r] - col0] = -inf`` where that column lies in this block (sync-free)."""
+    width = logits.shape[1]
+    local = self_col - col0
+    inside = (local >= 0) & (local < width)
+    cols = local.clamp(0, width - 1).unsqueeze(1)
+    current = logits.gather(1, cols)
+    logits.scatter_(1, cols, torch.where(inside.unsqueeze(1), torch.full_like(current, float("-inf")), current))
+
+
+class _ExclusiveLogSumExp(torch.autograd.Function):
+    """``lse_i = log Σ_{j ≠ self(i)} exp(a_i · c_j)`` for anchors ``a [Ma, D]`` and contrast ``c [Mc, D]``.
+
+    ``block=None``: dense, one ``[Ma, Mc]`` buffer that is turned into the softmax in place and saved for backward.
+    ``block=b``: anchor blocks × contrast blocks of ``b`` rows; forward keeps per-block log-sum-exps only and
+    backward recomputes every block, so the extra memory is ``O(b² + (Ma + Mc)·D)``.
+    Gradients: ``∂lse_i/∂a_i = Σ_j p_ij c_j`` and ``∂lse_i/∂c_j = p_ij a_i`` with ``p`` the row softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, contrast: Tensor, self_col: Tensor, block: int | None) -> Tensor:  # type: ignore[override]
+        with _no_autocast(anchors.device):
+            ma, mc = anchors.shape[0], contrast.shape[0]
+            if block is None:
+                logits = anchors @ contrast.T
+                logits.scatter_(1, self_col.unsqueeze(1), float("-inf"))
+                row_max = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()
+                total = probs.sum(dim=1, keepdim=True)
+                probs.div_(total)
+                lse = (row_max + total.log()).squeeze(1)
+                ctx.save_for_backward(anchors, contrast, probs, lse)
+            else:
+                parts = []
+                for i0 in range(0, ma, block):
+                    a = anchors[i0 : i0 + block]
+                    cols = self_col[i0 : i0 + block]
+                    block_lse = []
+                    for j0 in range(0, mc, block):
+                        logits = a @ contrast[j0 : j0 + block].T
+                        _mask_self_(logits, cols, j0)
+                        block_lse.append(torch.logsumexp(logits, dim=1))
+                    parts.append(torch.logsumexp(torch.stack(block_lse, dim=1), dim=1))
+                lse = torch.cat(parts)
+                ctx.save_for_backward(anchors, contrast, self_col, lse)
+        ctx.block = block
+        return lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        block = ctx.block
+        with _no_autocast(grad.device):
+            if block is None:
+                anchors, contrast, probs, _ = ctx.saved_tensors
+                g = grad.unsqueeze(1)
+                grad_a = grad_c = None
+                if ctx.needs_input_grad[0]:
+                    grad_a = (probs @ contrast).mul_(g)
+                if ctx.needs_input_grad[1]:
+                    grad_c = probs.T @ (anchors * g)
+                return grad_a, grad_c, None, None
+            anchors, contrast, self_col, lse = ctx.saved_tensors
+            grad_a = torch.zeros_like(anchors) if ctx.needs_input_grad[0] else None
+            grad_c = torch.zeros_like(contrast) if ctx.needs_input_grad[1] else None
+            ma, mc = anchors.shape[0], contrast.shape[0]
+            for i0 in range(0, ma, block):
+                a = anchors[i0 : i0 + block]
+                cols = self_col[i0 : i0 + block]
+                row_lse = lse[i0 : i0 + block].unsqueeze(1)
+                g = grad[i0 : i0 + block].unsqueeze(1)
+                ga = a * g
+                for j0 in range(0, mc, block):
+                    c = contrast[j0 : j0 + block]
+                    logits = a @ c.T
+                    _mask_self_(logits, cols, j0)
+                    probs = logits.sub_(row_lse).exp_()
+                    if grad_a is not None:
+                        grad_a[i0 : i0 + block].addcmul_(probs @ c, g)
+                    if grad_c is not None:
+                        grad_c[j0 : j0 + block].addmm_(probs.T, ga)
+            return grad_a, grad_c, None, None
+
+
+def _check_positive_float(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a finite positive number, got {value}")
+    return float(value)
+
+
+def _validate(
+    features: Tensor,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    contrast_mode: str,
+    reduction: str,
+    chunk_size: int | None,
+    chunk_threshold: int | None,
+) -> None:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor of shape [N, V, D], got {type(features).__name__}")
+    if features.ndim != 3:
+        raise ValueError(
+            f"features must have shape [N, V, D] (samples, views, dim), got {tuple(features.shape)}; "
+            "for a single view use features.unsqueeze(1), for two views torch.stack([z0, z1], dim=1)"
+        )
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    if min(features.shape) < 1:
+        raise ValueError(f"features must be non-empty in every dimension, got shape {tuple(features.shape)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or inf; check the model output (e.g. the learning rate or AMP scaler)")
+    if contrast_mode not in ("all", "one"):
+        raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    if chunk_threshold is not None and (
+        isinstance(chunk_threshold, bool) or not isinstance(chunk_threshold, int) or chunk_threshold < 1
+    ):
+        raise ValueError(f"chunk_threshold must be a positive int or None (never chunk), got {chunk_threshold!r}")
+    if labels is not None and mask is not None:
+        raise ValueError("pass either labels or mask, not both (a mask [N, N] already encodes the positives)")
+    n = features.shape[0]
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor of shape [N], got {type(labels).__name__}")
+        if labels.ndim != 1 or labels.shape[0] != n:
+            raise ValueError(
+                f"labels must have shape [N] = [{n}] to match features [N, V, D], got {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"labels must be an integer (class index) tensor, got dtype {labels.dtype}")
+        if labels.device != features.device:
+            raise ValueError(f"labels are on {labels.device} but features on {features.device}; move them together")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of shape [N, N], got {type(mask).__name__}")
+        if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+            raise ValueError(f"mask must be a square [N, N] matrix, got shape {tuple(mask.shape)}")
+        if mask.device != features.device:
+            raise ValueError(f"mask is on {mask.device} but features on {features.device}; move them together")
+        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+            raise ValueError("mask contains NaN or inf; it must hold 0/1 (or non-negative finite weights)")
+        if bool((mask < 0).any()):
+            raise ValueError("mask must be non-negative (1 = positive pair, 0 = not)")
+
+
+def supcon_loss(
+    features: Tensor,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+    contrast_mode: Literal["all", "one"] = "all",
+    normalize: bool = True,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+    chunk_threshold: int | None = 16384,
+    gather: bool = True,
+) -> Tensor:
+    """Supervised contrastive loss ``L_out`` (Khosla et al. 2020, arXiv:2004.11362, eq. 2); SimCLR without labels.
+
+    Args:
+        features: ``[N, V, D]`` embeddings, ``V`` views per sample (this rank's share of the batch).
+        labels: ``[N]`` integer class labels. Positives of an anchor are all other views with the same label.
+        mask: ``[N, N]`` explicit positive mask (0/1 or non-negative weights, may be asymmetric; the official
+            ``mask`` argument). Under ``torch.distributed`` with ``gather=True`` it must be the GLOBAL mask
+            ``[N_global, N_global]`` over the gathered batch in rank order (identical on every rank); this rank's
+            rows are taken from it. Mutually exclusive with ``labels``. Neither: SimCLR (same-sample views).
+        temperature: ``τ`` (paper default 0.07; the paper's recipe uses 0.1).
+        base_temperature: ``τ_base``; the loss is scaled by ``τ/τ_base`` (official code).
+        contrast_mode: ``"all"`` (every view is an anchor) or ``"one"`` (only view 0 is).
+        normalize: L2-normalise features along ``D`` inside (library default True; harmless for unit input).
+        reduction: ``"mean"`` over all anchors, anchors without positives counting 0 (official); ``"mean_positive"``
+            over anchors with at least one positive (0 if none has); ``"none"``: per-anchor losses of this rank's
+            anchors, shape ``[V, N]`` view-major (row ``v`` = anchors of view ``v``), ``[1, N]`` for ``"one"``.
+        chunk_size: force the chunked (memory-linear) path with blocks of this many rows; ``None`` = automatic.
+        chunk_threshold: with ``chunk_size=None`` the chunked path (blocks of 4096) is used when the global contrast
+            set has more than this many rows (``V·N_global``); ``None`` = always dense.
+        gather: under ``torch.distributed``, contrast against the global batch and reduce globally (default).
+            ``False`` = explicit opt-out: each rank uses its local batch only.
+
+    Returns:
+        A scalar (``"mean"``/``"mean_positive"``, identical on every rank) or per-anchor values (``"none"``), in
+        float32 for half-precision input, else in the input dtype.
+
+    Raises:
+        ValueError/TypeError: bad shapes, dtypes, non-finite values, both labels and mask, a contrast set holding
+        only the anchor itself (one view of one sample), or SimCLR mode with a single view (no positive exists).
+    """
+    temperature = _check_positive_float("temperature", temperature)
+    base_temperature = _check_positive_float("base_temperature", base_temperature)
+    _validate(features, labels, mask, contrast_mode, reduction, chunk_size, chunk_threshold)
+
+    n_local, n_views, _ = features.shape
+    if labels is None and mask is None and n_views < 2:
+        raise ValueError(
+            "SimCLR mode (no labels, no mask) needs at least 2 views per sample: with V=1 no anchor has a positive. "
+            "Pass features [N, 2, D] or give labels."
+        )
+    device = features.device
+    distributed = gather and bdist.is_distributed()
+    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+
+    with _no_autocast(device):
+        feats = features.to(compute_dtype)
+        if normalize:
+            feats = F.normalize(feats, dim=-1)
+
+        if distributed:
+            feats_all = bdist.gather(feats)
+            start = bdist.local_slice(n_local).start
+        else:
+            feats_all = feats
+            start = 0
+        n_global = feats_all.shape[0]
+        if n_global * n_views < 2:
+            raise ValueError(
+                "SupCon needs at least 2 contrast views in the (global) batch besides nothing: got 1 sample with 1 "
+                "view, so the anchor has no other view to contrast with. Use >= 2 views or >= 2 samples."
+            )
+
+        # Anchors (this rank's views, view-major) and the global contrast set, view-major: index v*N_global + n.
+        contrast = feats_all.transpose(0, 1).reshape(n_views * n_global, -1)
+        if contrast_mode == "all":
+            anchors = feats.transpose(0, 1).reshape(n_views * n_local, -1)
+            n_anchor_views = n_views
+        else:
+            anchors = feats[:, 0]
+            n_anchor_views = 1
+        idx_local = torch.arange(n_local, device=device)
+        view_offsets = torch.arange(n_anchor_views, device=device) * n_global
+        self_col = (view_offsets.unsqueeze(1) + (start + idx_local).unsqueeze(0)).reshape(-1)
+
+        # Positive term: pos_vec_i = Σ_{p ∈ P(i)} w_ip z_p, n_pos_i = Σ_p w_ip (weights 1 for labels / SimCLR).
+        if mask is not None:
+            if mask.shape[0] != n_global:
+                raise ValueError(
+                    f"mask has shape {tuple(mask.shape)} but the {'global ' if distributed else ''}batch has "
+                    f"{n_global} samples; under torch.distributed pass the global [N_global, N_global] mask "
+                    "(same on every rank, rows in rank order) or pass labels instead"
+                )
+            m = mask[start : start + n_local].to(compute_dtype)
+            m_self = m[idx_local, start + idx_local]
+            sample_pos = m @ feats_all.sum(dim=1)  # [N_local, D]
+            sample_count = m.sum(dim=1) * n_views
+        elif labels is not None:
+            labels_all = bdist.gather(labels) if distributed else labels
+            _, inverse = torch.unique(labels_all, return_inverse=True)
+            n_classes = int(inverse.max()) + 1
+            class_sum = feats_all.new_zeros(n_classes, feats_all.shape[-1]).index_add(0, inverse, feats_all.sum(1))
+            class_count = torch.bincount(inverse, minlength=n_classes).to(compute_dtype) * n_views
+            mine = inverse[start : start + n_local]
+            sample_pos = class_sum[mine]
+            sample_count = class_count[mine]
+            m_self = None
+        else:  # SimCLR: the positives of a view are the other views of its own sample
+            sample_pos = feats.sum(dim=1)
+            sample_count = torch.full((n_local,), float(n_views), dtype=compute_dtype, device=device)
+            m_self = None
+
+        anchors_v = anchors.reshape(n_anchor_views, n_local, -1)
+        if m_self is None:
+            pos_vec = sample_pos.unsqueeze(0) - anchors_v
+            n_pos = (sample_count - 1).expand(n_anchor_views, n_local)
+        else:
+            pos_vec = sample_pos.unsqueeze(0) - m_self.view(1, -1, 1) * anchors_v
+            n_pos = (sample_count - m_self).expand(n_anchor_views, n_local)
+        pos_logit_sum = (anchors_v * pos_vec).sum(dim=-1) / temperature  # [Va, N_local]
+
+        if chunk_size is not None:
+            block = chunk_size
+        elif chunk_threshold is not None and contrast.shape[0] > chunk_threshold:
+            block = _DEFAULT_BLOCK
+        else:
+            block = None
+        lse = _ExclusiveLogSumExp.apply(anchors / temperature, contrast, self_col, block)
+        lse = lse.view(n_anchor_views, n_local)
+
+        # Official: mean_log_prob_pos = Σ_p w_ip (s_ip - lse_i) / n_pos_i, with n_pos < 1e-6 replaced by 1.
+        denom = torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
+        per_anchor = (temperature / base_temperature) * (lse * (n_pos / denom) - pos_logit_sum / denom)
+
+        if reduction == "none":
+            return per_anchor
+        total = per_anchor.sum()
+        if reduction == "mean":
+            if distributed:
+                total = bdist.all_reduce_sum(total)
+            return total / (n_anchor_views * n_global)
+        # mean_positive
+        count = (n_pos >= 1e-6).sum().to(compute_dtype)
+        if distributed:
+            total = bdist.all_reduce_sum(total)
+            count = bdist.all_reduce_sum(count)
+        return total / count.clamp_min(1.0)
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (Khosla et al. 2020, arXiv:2004.11362); see :func:`supcon_loss`.
+
+    ``SupConLoss(temperature=0.07, base_temperature=0.07, contrast_mode="all")(features, labels=None, mask=None)``
+    with ``features [N, V, D]``. Keyword-only options ``normalize``, ``reduction``, ``chunk_size``,
+    ``chunk_threshold`` and ``gather`` are documented on :func:`supcon_loss`.
+
+    Example::
+
+        loss_fn = SupConLoss(temperature=0.1)
+        loss = loss_fn(torch.stack([proj(v1), proj(v2)], dim=1), labels)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        base_temperature: float = 0.07,
+        contrast_mode: Literal["all", "one"] = "all",
+        *,
+        normalize: bool = True,
+        reduction: Reduction = "mean",
+        chunk_size: int | None = None,
+        chunk_threshold: int | None = 16384,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = _check_positive_float("temperature", temperature)
+        self.base_temperature = _check_positive_float("base_temperature", base_temperature)
+        if contrast_mode not in ("all", "one"):
+            raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.contrast_mode = contrast_mode
+        self.normalize = normalize
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.chunk_threshold = chunk_threshold
+        self.gather = gather
+
+    def forward(self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return supcon_loss(
+            features,
+            labels,
+            mask,
+            temperature=self.temperature,
+            base_temperature=self.base_temperature,
+            contrast_mode=self.contrast_mode,
+            normalize=self.normalize,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            chunk_threshold=self.chunk_threshold,
+            gather=self.gather,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
+            f"contrast_mode={self.contrast_mode!r}, reduction={self.reduction!r}, gather={self.gather}"
+        )
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent loss (Chen et al. 2020, arXiv:2002.05709) as SupCon without labels, two views.
+
+    ``NTXentLoss(temperature=0.5)(z0, z1)`` with ``z0, z1 [N, D]`` (lightly-style call) equals
+    :func:`supcon_loss` on ``stack([z0, z1], 1)`` with ``base_temperature=temperature``: the mean over the ``2N``
+    anchors of the cross-entropy of finding the other view among the ``2N - 1`` others. Features are
+    L2-normalised inside by default. ``reduction="none"`` returns ``[2, N]`` (row 0: anchors from ``z0``).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        *,
+        normalize: bool = True,
+        reduction: Reduction = "mean",
+        chunk_size: int | None = None,
+        chunk_threshold: int | None = 16384,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = _check_positive_float("temperature", temperature)
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.normalize = normalize
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.chunk_threshold = chunk_threshold
+        self.gather = gather
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        for name, z in (("z0", z0), ("z1", z1)):
+            if not isinstance(z, Tensor) or z.ndim != 2:
+                shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                raise ValueError(f"{name} must be a [N, D] tensor of embeddings, got {shape}")
+        if z0.shape != z1.shape:
+            raise ValueError(f"z0 and z1 must have the same shape [N, D], got {tuple(z0.shape)} and {tuple(z1.shape)}")
+        return supcon_loss(
+            torch.stack([z0, z1], dim=1),
+            temperature=self.temperature,
+            base_temperature=self.temperature,
+            contrast_mode="all",
+            normalize=self.normalize,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            chunk_threshold=self.chunk_threshold,
+            gather=self.gather,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, gather={self.gather}"

@@ -1,0 +1,476 @@
+"""Curation (batchmates.curation.curator / scorer): policies, exactness of the curated loss, DDP semantics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchmates.curation import (
+    CurationResult,
+    Curator,
+    FRDScorer,
+    apply_curation,
+    discrete_frechet_distance,
+    gaussian_frechet_distance,
+    weighted_mean,
+)
+from batchmates.distributed import gather
+from batchmates.losses import BarlowTwinsLoss, SupConLoss
+from batchmates.testing import ddp_average_grads, run_distributed
+
+torch.set_num_threads(1)
+
+
+def ntxent(z1: torch.Tensor, z2: torch.Tensor, weights: torch.Tensor | None = None, t: float = 0.5) -> torch.Tensor:
+    """Test-local NT-Xent over the global batch (gradient-carrying gather), optional per-pair weights.
+
+    Every rank returns the same global loss, so DDP-averaged gradients are the exact global gradient.
+    """
+    a, b = gather(z1), gather(z2)
+    n = a.shape[0]
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    logits = (z @ z.T / t).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(n) + n, torch.arange(n)])
+    per_anchor = F.cross_entropy(logits, target, reduction="none")
+    if weights is not None:
+        w = gather(weights.to(per_anchor.dtype))
+        per_anchor = per_anchor * torch.cat([w, w])
+    return per_anchor.mean()
+
+
+def sq_dist_scorer(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return (x1 - x2).square().sum(1)
+
+
+def make_pairs(n: int = 12, d: int = 6, bad: tuple[int, ...] = (3,), seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x2 = x1 + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    for i in bad:
+        x2[i] = x1[i] + 3.0 * torch.randn(d, generator=gen, dtype=torch.float64)
+    return x1, x2
+
+
+def make_encoder(d: int = 6, out: int = 4) -> nn.Module:
+    torch.manual_seed(123)
+    return nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, out)).double()
+
+
+def loss_and_grads(enc: nn.Module, x1, x2, rows=None, weights=None):
+    enc.zero_grad()
+    z1, z2 = enc(x1), enc(x2)
+    if rows is not None:
+        z1, z2 = z1[rows], z2[rows]
+    loss = ntxent(z1, z2, weights)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in enc.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------- drop policy
+def test_threshold_dropping_nothing_is_exactly_uncurated():
+    x1, x2 = make_pairs()
+    enc = make_encoder()
+    ref_loss, ref_grads = loss_and_grads(enc, x1, x2)
+    res = Curator(sq_dist_scorer, threshold=1e9).select(x1, x2)
+    assert res.keep.all() and res.weights is None
+    enc.zero_grad()
+    k1, k2, w = apply_curation(enc(x1), enc(x2), res)
+    assert w is None
+    loss = ntxent(k1, k2)
+    loss.backward()
+    assert torch.equal(loss.detach(), ref_loss)
+    for g, r in zip([p.grad for p in enc.parameters()], ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_dropping_a_pair_removes_exactly_its_terms():
+    x1, x2 = make_pairs(bad=(3,))
+    scores = sq_dist_scorer(x1, x2)
+    threshold = float(scores.sort().values[-2]) + 1e-9  # only the worst pair (3) is above it
+    res = Curator(sq_dist_scorer, threshold=threshold).select(x1, x2)
+    expected_keep = torch.ones(12, dtype=torch.bool)
+    expected_keep[3] = False
+    assert torch.equal(res.keep, expected_keep)
+    assert res.stats["num_dropped"] == 1 and res.stats["fraction_dropped"] == pytest.approx(1 / 12)
+
+    enc = make_encoder()
+    # Reference: the batch built without pair 3, independently of the curation code.
+    others = torch.tensor([i for i in range(12) if i != 3])
+    ref_loss, ref_grads = loss_and_grads(enc, x1[others], x2[others])
+    full_loss, _ = loss_and_grads(enc, x1, x2)
+
+    enc.zero_grad()
+    x1g = x1.clone().requires_grad_()
+    z1, z2 = enc(x1g), enc(x2)
+    k1, k2, _ = apply_curation(z1, z2, res)
+    assert k1.shape == (11, 4)
+    loss = ntxent(k1, k2)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-12, atol=1e-12)
+    for p, r in zip(enc.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, r, rtol=1e-10, atol=1e-12)
+    assert not torch.isclose(loss.detach(), full_loss)
+    assert torch.count_nonzero(x1g.grad[3]) == 0 and torch.count_nonzero(x1g.grad[2]) > 0
+
+
+@pytest.mark.parametrize(("n", "q", "kept"), [(20, 0.75, 15), (10, 0.7, 7), (16, 0.9, 15), (8, 1.0, 8)])
+def test_quantile_drops_the_right_fraction(n, q, kept):
+    gen = torch.Generator().manual_seed(n)
+    x1 = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    scores = sq_dist_scorer(x1, x2)
+    cur = Curator(sq_dist_scorer, quantile=q)
+    res = cur.select(x1, x2)
+    assert int(res.keep.sum()) == kept
+    # the dropped pairs are exactly the highest-scoring ones
+    worst = set(scores.argsort(descending=True)[: n - kept].tolist())
+    assert set((~res.keep).nonzero().flatten().tolist()) == worst
+    assert cur.last_stats["fraction_dropped"] == pytest.approx((n - kept) / n)
+    assert cur.last_stats["mean_score"] == pytest.approx(float(scores.mean()))
+    torch.testing.assert_close(res.scores, scores)
+
+
+def test_never_drops_everything_and_running_totals():
+    x1, x2 = make_pairs(n=6)
+    scores = sq_dist_scorer(x1, x2)
+    cur = Curator(sq_dist_scorer, threshold=-1.0)  # every pair is "bad"
+    res = cur.select(x1, x2)
+    assert int(res.keep.sum()) == 2
+    assert set(res.keep.nonzero().flatten().tolist()) == set(scores.argsort()[:2].tolist())
+    assert cur.last_stats["min_keep_applied"] == 1
+    cur.select(x1, x2)
+    assert cur.last_stats["steps"] == 2
+    assert cur.last_stats["fraction_dropped_total"] == pytest.approx(4 / 6)
+    # batch of one: kept, finite stats
+    one = Curator(sq_dist_scorer, quantile=0.5).select(x1[:1], x2[:1])
+    assert one.keep.tolist() == [True] and math.isfinite(one.stats["mean_score"])
+
+
+# ------------------------------------------------------------------------------------------- reweight policy
+def test_reweight_weights_positive_mean_one_monotone():
+    gen = torch.Generator().manual_seed(11)
+    x1 = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    scores = sq_dist_scorer(x1, x2)
+    res = Curator(sq_dist_scorer, policy="reweight", temperature=0.5).select(x1, x2)
+    w = res.weights
+    assert res.keep.all() and w.shape == (16,) and (w > 0).all()
+    assert float(w.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    order = scores.argsort()
+    assert (w[order][1:] <= w[order][:-1]).all()  # higher score -> lower weight
+    z = (scores - scores.mean()) / scores.std(unbiased=False)
+    expected = torch.exp(-z / 0.5) / torch.exp(-z / 0.5).sum() * 16
+    torch.testing.assert_close(w.double(), expected, rtol=1e-6, atol=1e-6)
+    flat = Curator(sq_dist_scorer, policy="reweight", temperature=50.0).select(x1, x2).weights
+    assert float(flat.max() - flat.min()) < float(w.max() - w.min())
+    # weighted loss with all weights 1 equals the plain loss (the weighting is a mean, not a sum)
+    enc = make_encoder(4)
+    z1, z2 = enc(x1), enc(x2)
+    torch.testing.assert_close(ntxent(z1, z2, torch.ones(16)), ntxent(z1, z2))
+
+
+# ------------------------------------------------------------------------------------------- resample policy
+def test_resample_calls_fn_only_for_bad_pairs():
+    x1, x2 = make_pairs(n=10, bad=(2, 7))
+    calls: list[list[int]] = []
+
+    def resample_fn(idx):
+        calls.append(idx.tolist())
+        fresh2 = x1[idx] + 0.01  # pair 2 gets a good view, pair 7 stays bad
+        fresh2[idx == 7] = x1[7] + 10.0
+        return x1[idx].clone(), fresh2
+
+    scores_calls = []
+
+    def counting_scorer(a, b):
+        scores_calls.append(a.shape[0])
+        return sq_dist_scorer(a, b)
+
+    cur = Curator(counting_scorer, policy="resample", threshold=1.0, max_resample=3)
+    res = cur.select(x1, x2, resample_fn=resample_fn)
+    assert calls == [[2, 7], [7], [7]]
+    assert scores_calls == [10, 2, 1, 1]  # full batch once, then only the resampled pairs
+    expected_keep = torch.ones(10, dtype=torch.bool)
+    expected_keep[7] = False  # still bad after max_resample rounds: dropped
+    assert torch.equal(res.keep, expected_keep)
+    v1, v2 = res.views
+    torch.testing.assert_close(v2[2], x1[2] + 0.01)
+    assert torch.equal(v2[5], x2[5]) and torch.equal(x2[2], make_pairs(n=10, bad=(2, 7))[1][2])  # input untouched
+    assert res.scores[2] < 1.0 and res.stats["resampled"] == 4 and res.stats["resample_rounds"] == 3
+
+    # once all pairs are good no further call is made
+    calls.clear()
+    cur1 = Curator(sq_dist_scorer, policy="resample", quantile=1.0)
+    cur1.select(x1, x2, resample_fn=resample_fn)
+    assert calls == []
+
+
+def test_resample_validates_fn_output():
+    x1, x2 = make_pairs(n=6, bad=(1,))
+    cur = Curator(sq_dist_scorer, policy="resample", threshold=1.0)
+    with pytest.raises(ValueError, match="resample_fn must return"):
+        cur.select(x1, x2, resample_fn=lambda idx: (x1[:3], x2[:3]))
+    with pytest.raises(ValueError, match="needs resample_fn"):
+        cur.select(x1, x2)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"policy": "drop"}, "exactly one of threshold"),
+        ({"policy": "drop", "threshold": 1.0, "quantile": 0.5}, "exactly one of threshold"),
+        ({"policy": "reweight", "quantile": 0.5}, "reweight"),
+        ({"policy": "nope", "threshold": 1.0}, "policy must be"),
+        ({"quantile": 0.0}, "quantile must be"),
+        ({"quantile": 1.5}, "quantile must be"),
+        ({"policy": "reweight", "temperature": 0.0}, "temperature"),
+        ({"policy": "resample", "threshold": 1.0, "max_resample": 0}, "max_resample"),
+        ({"threshold": float("nan")}, "threshold must be"),
+    ],
+)
+def test_curator_argument_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Curator(sq_dist_scorer, **kwargs)
+
+
+def test_select_and_apply_validation():
+    x1, x2 = make_pairs(n=4)
+    cur = Curator(sq_dist_scorer, threshold=1.0)
+    with pytest.raises(ValueError, match="same batch size"):
+        cur.select(x1, x2[:3])
+    with pytest.raises(ValueError, match="one score per pair"):
+        Curator(lambda a, b: torch.zeros(2), threshold=1.0).select(x1, x2)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        Curator(lambda a, b: torch.full((4,), float("nan")), threshold=1.0).select(x1, x2)
+    res = cur.select(x1, x2)
+    with pytest.raises(ValueError, match="covers 4 pairs"):
+        apply_curation(torch.zeros(5, 2), torch.zeros(5, 2), res)
+    with pytest.raises(TypeError, match="CurationResult"):
+        apply_curation(x1, x2, {"keep": res.keep})
+    with pytest.raises(TypeError, match="score_pairs"):
+        Curator(42, threshold=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- scorer
+def test_scorer_modes_use_the_frechet_functions():
+    torch.manual_seed(0)
+    ext = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.BatchNorm1d(7)).double()
+    ext.train()
+    scorer = FRDScorer(ext, mode="pairwise")
+    assert not ext.training and not any(p.requires_grad for p in ext.parameters())
+    x1 = torch.randn(6, 3, 4, dtype=torch.float64)
+    x2 = torch.randn(6, 3, 4, dtype=torch.float64)
+    f1, f2 = ext(x1), ext(x2)
+    torch.testing.assert_close(scorer.score_pairs(x1, x2), discrete_frechet_distance(f1, f2))
+    torch.testing.assert_close(scorer.score_batch(x1, x2), discrete_frechet_distance(f1, f2).mean())
+    # a pair's score does not depend on its batch mates (eval mode, no batch statistics)
+    torch.testing.assert_close(scorer.score_pairs(x1[:2], x2[:2]), scorer.score_pairs(x1, x2)[:2])
+    gauss = FRDScorer(ext, mode="gaussian", preprocess=lambda x: x * 2)
+    torch.testing.assert_close(gauss.score_batch(x1, x2), gaussian_frechet_distance(ext(2 * x1), ext(2 * x2)))
+    torch.testing.assert_close(gauss.score_pairs(x1, x2), (ext(2 * x1) - ext(2 * x2)).square().sum(1))
+    ext.train()  # e.g. a parent module's .train(); scoring still runs in eval mode
+    torch.testing.assert_close(scorer.score_pairs(x1, x2), discrete_frechet_distance(f1, f2))
+    assert not ext.training
+    with pytest.raises(ValueError, match="mode must be"):
+        FRDScorer(ext, mode="fid")
+    with pytest.raises(TypeError, match="nn.Module"):
+        FRDScorer(lambda x: x)
+    # works as a Curator scorer
+    res = Curator(scorer, quantile=0.5).select(x1, x2)
+    assert int(res.keep.sum()) == 3
+
+
+def test_from_torchvision_resnet_missing_file_is_clear(tmp_path):
+    missing = tmp_path / "nope" / "resnet18.pth"
+    with pytest.raises(FileNotFoundError) as info:
+        FRDScorer.from_torchvision_resnet(missing, arch="resnet18")
+    msg = str(info.value)
+    assert str(missing) in msg and "never downloads" in msg and "download.pytorch.org" in msg
+    with pytest.raises(ValueError, match="arch must be"):
+        FRDScorer.from_torchvision_resnet(missing, arch="resnet34")
+
+
+def test_from_torchvision_resnet_loads_local_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=1000)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    scorer = FRDScorer.from_torchvision_resnet(path, output="pool")
+    loaded = dict(scorer.extractor.named_parameters())
+    assert torch.equal(loaded["conv1.weight"], model.conv1.weight)
+    x = torch.randn(2, 3, 32, 32)
+    assert scorer.features(x).shape == (2, 512)
+    bad = tmp_path / "bad.pth"
+    torch.save({"weight": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="state_dict"):
+        FRDScorer.from_torchvision_resnet(bad)
+
+
+def test_from_online_encoder_restores_modes_and_state():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+    enc.train()
+    enc[2].eval()  # mixed modes must come back exactly
+    before = {m: m.training for m in enc.modules()}
+    running = enc[1].running_mean.clone()
+    scorer = FRDScorer.from_online_encoder(enc)
+    x1, x2 = torch.randn(8, 5), torch.randn(8, 5)
+    s = scorer.score_pairs(x1, x2)
+    assert {m: m.training for m in enc.modules()} == before
+    assert torch.equal(enc[1].running_mean, running)  # scored in eval mode: BN stats untouched
+    assert all(p.requires_grad for p in enc.parameters()) and not s.requires_grad
+    enc.eval()
+    torch.testing.assert_close(s, discrete_frechet_distance(enc(x1), enc(x2)))
+    enc.train()
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    boom = Boom().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        FRDScorer.from_online_encoder(boom).score_pairs(x1, x2)
+    assert boom.training  # restored even when the forward fails
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _scorer() -> FRDScorer:
+    torch.manual_seed(7)
+    return FRDScorer(nn.Linear(6, 5).double(), mode="pairwise")
+
+
+def _loss(name: str, k1: torch.Tensor, k2: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if name == "local-ntxent":
+        return ntxent(k1, k2, w)
+    if name == "supcon":  # the library's SimCLR mode, per-anchor losses + curated global (weighted) mean
+        per_anchor = SupConLoss(temperature=0.5, base_temperature=0.5, reduction="none")(torch.stack([k1, k2], 1))
+        return weighted_mean(per_anchor, w)
+    if name == "barlow":
+        return BarlowTwinsLoss()(k1, k2)
+    raise AssertionError(name)
+
+
+def _curated_step(x1, x2, cfg, rows: slice | None):
+    """One curated step on this process's rows (all rows when ``rows`` is None)."""
+    curator_kwargs, loss_name = cfg
+    enc = make_encoder()
+    if rows is not None:
+        x1, x2 = x1[rows], x2[rows]
+    x1 = x1.clone().requires_grad_()
+    res = Curator(_scorer(), **curator_kwargs).select(x1, x2)
+    k1, k2, w = apply_curation(enc(x1), enc(x2), res)
+    loss = _loss(loss_name, k1, k2, w)
+    loss.backward()
+    ddp_average_grads(enc)
+    return {
+        "loss": loss.detach(),
+        "grads": [p.grad.clone() for p in enc.parameters()],
+        "x_grad": x1.grad.clone(),
+        "keep": res.keep,
+        "weights": res.weights,
+        "stats": res.stats,
+    }
+
+
+CONFIGS = [
+    ({"quantile": 0.75}, "local-ntxent"),
+    ({"policy": "reweight", "temperature": 0.5}, "local-ntxent"),
+    ({"quantile": 0.75}, "supcon"),
+    ({"policy": "reweight", "temperature": 0.5}, "supcon"),
+    ({"quantile": 0.75}, "barlow"),
+]
+
+
+def _dist_worker(rank: int, world: int, x1, x2):
+    n = x1.shape[0] // world
+    rows = slice(rank * n, (rank + 1) * n)
+    return [_curated_step(x1, x2, cfg, rows) for cfg in CONFIGS]
+
+
+def test_distributed_curation_equals_one_process():
+    x1, x2 = make_pairs(n=12, bad=(0, 2, 4))  # all bad pairs on rank 0: uneven kept counts across ranks
+    per_rank = run_distributed(_dist_worker, 2, x1, x2)
+    for c, cfg in enumerate(CONFIGS):
+        single = _curated_step(x1, x2, cfg, None)
+        ranks = [r[c] for r in per_rank]
+        keep = torch.cat([r["keep"] for r in ranks])
+        assert torch.equal(keep, single["keep"]), cfg
+        if "quantile" in cfg[0]:
+            assert int(single["keep"].sum()) == 9
+            assert int(ranks[0]["keep"].sum()) == 3 and int(ranks[1]["keep"].sum()) == 6  # uneven
+        else:
+            torch.testing.assert_close(torch.cat([r["weights"] for r in ranks]), single["weights"])
+        for r in ranks:
+            assert r["stats"] == single["stats"]
+            torch.testing.assert_close(r["loss"], single["loss"], rtol=1e-5, atol=1e-5)
+            for g, s in zip(r["grads"], single["grads"]):
+                torch.testing.assert_close(g, s, rtol=1e-5, atol=1e-5)
+        # input gradients: each rank returns the global loss, DDP's objective is their mean, hence the 1/W
+        x_grad = torch.cat([r["x_grad"] for r in ranks]) / 2
+        torch.testing.assert_close(x_grad, single["x_grad"], rtol=1e-5, atol=1e-5)
+
+
+def test_curation_with_library_losses_removes_exactly_the_dropped_pairs():
+    x1, x2 = make_pairs(n=10, bad=(1, 6))
+    res = Curator(sq_dist_scorer, quantile=0.8).select(x1, x2)
+    assert (~res.keep).nonzero().flatten().tolist() == [1, 6]
+    assert isinstance(res, CurationResult)
+    others = torch.tensor([0, 2, 3, 4, 5, 7, 8, 9])
+    enc = make_encoder()
+    for name in ("supcon", "barlow"):
+        enc.zero_grad()
+        z1, z2 = enc(x1[others]), enc(x2[others])
+        ref_loss = _loss(name, z1, z2, None)
+        ref_loss.backward()
+        ref_grads = [p.grad.clone() for p in enc.parameters()]
+        enc.zero_grad()
+        k1, k2, w = apply_curation(enc(x1), enc(x2), res)
+        loss = _loss(name, k1, k2, w)
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-12, atol=1e-12)
+        for p, r in zip(enc.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, r, rtol=1e-10, atol=1e-12)
+    # SupCon's per-anchor output with unit weights through weighted_mean equals its own "mean" reduction
+    z = torch.stack([enc(x1), enc(x2)], 1)
+    per_anchor = SupConLoss(temperature=0.5, base_temperature=0.5, reduction="none")(z)
+    torch.testing.assert_close(
+        weighted_mean(per_anchor, torch.ones(10)), SupConLoss(temperature=0.5, base_temperature=0.5)(z)
+    )
+    # and with weights it is the explicit weighted average
+    w = torch.linspace(0.5, 1.5, 10, dtype=torch.float64)
+    torch.testing.assert_close(weighted_mean(per_anchor, w), (per_anchor * w).sum() / (2 * w.sum()))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        weighted_mean(per_anchor, torch.ones(3))
+
+
+@pytest.mark.cuda
+def test_scorer_and_curator_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    ext = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))  # built on CPU: the scorer moves it to the input device
+    scorer = FRDScorer(ext, mode="pairwise")
+    x1 = torch.randn(16, 3, 4, device="cuda")
+    x2 = x1 + 0.1 * torch.randn(16, 3, 4, device="cuda")
+    x2[5] += 5.0
+    s = scorer.score_pairs(x1, x2)
+    assert s.device.type == "cuda"
+    torch.testing.assert_close(s.cpu(), discrete_frechet_distance(ext.cpu()(x1.cpu()), ext(x2.cpu())))
+    ext.cuda()
+    for policy, kw in (("drop", {"quantile": 0.9}), ("reweight", {})):
+        res = Curator(scorer, policy, **kw).select(x1, x2)
+        k1, k2, w = apply_curation(x1.flatten(1), x2.flatten(1), res)
+        assert k1.device.type == "cuda" and (w is None or w.device.type == "cuda")
+        if policy == "drop":
+            assert not bool(res.keep[5]) and int(res.keep.sum()) == 15
+    gauss = FRDScorer(ext, mode="gaussian")
+    torch.testing.assert_close(
+        gauss.score_batch(x1, x2).cpu(), gaussian_frechet_distance(ext(x1.flatten(1)).cpu(), ext(x2.flatten(1)).cpu())
+    )
