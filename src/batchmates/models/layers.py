@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["register_attn_layer", "create_attn_layer", "available_attn_layers", "SqueezeExcite"]
+__all__ = ["register_attn_layer", "create_attn_layer", "available_attn_layers", "SqueezeExcite", "Backbone"]
 
 _ATTN_LAYERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -73,3 +73,36 @@ class SqueezeExcite(nn.Module):
         a = torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
         self.last_attention = a.flatten(1) if self.training else None
         return x * a
+
+
+class Backbone(nn.Module):
+    """Base class of batchmates backbones (the contract of docs/ARCHITECTURE.md).
+
+    Subclasses implement :meth:`forward_stages` and :meth:`pool`, and set ``feature_dim`` (width of the
+    pooled features), ``stage_dims`` (width of each stage output) and ``stage_kinds`` (``"map"`` for
+    ``[N, C, H, W]`` feature maps, ``"tokens"`` for ``[N, T, D]`` token maps).
+    """
+
+    feature_dim: int
+    stage_dims: list[int]
+    stage_kinds: list[str]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pool(self, last: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``[N, feature_dim]``."""
+        return self.pool(self.forward_stages(x)[-1])
+
+    def _check_input(self, x: torch.Tensor, in_channels: int) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects float images [N, {in_channels}, H, W]; got {got}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} expects float (normalised) images; got {x.dtype} "
+                "(run the batch through batchmates.data.augment first)"
+            )

@@ -1,0 +1,230 @@
+"""A small Vision Transformer (Dosovitskiy et al. 2021, arXiv:2010.11929) with per-block token mixers.
+
+Paper: non-overlapping patch embedding, learned position embedding, pre-norm blocks
+``x + mixer(LN(x))`` then ``x + MLP(LN(x))``, a final LayerNorm, CLS-token pooling.
+
+Library choices: ``"vit-tiny"`` has dim 128, depth 6, 4 heads, MLP ratio 4; patch 2 up to 16 px (8×8 digits
+-> 16 tokens), 4 up to 48 px (28 -> 49, 32 -> 64 tokens), 8 above; mean pooling over patch tokens by default
+(``pool="cls"`` adds a CLS token). The attention sub-layer of each block is a *token mixer* chosen by name
+from a registry, so intra-batch attention (IBAFormer, Sun et al. 2023, arXiv:2309.06282: ``"miba"`` /
+``"eiba"``, registered by :mod:`batchmates.nn`) can replace plain self-attention at chosen depths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchmates.models.layers import Backbone
+
+__all__ = [
+    "register_token_mixer",
+    "create_token_mixer",
+    "available_token_mixers",
+    "SelfAttention",
+    "ViTBlock",
+    "VisionTransformer",
+    "vit_tiny",
+    "default_patch_size",
+]
+
+_TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_token_mixer(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a token mixer ``factory(dim, num_heads, **kw) -> nn.Module`` ([B,N,D] -> [B,N,D])
+    available to :class:`VisionTransformer` under ``name``."""
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _TOKEN_MIXERS and _TOKEN_MIXERS[name] is not factory:
+            raise ValueError(f"token mixer {name!r} is already registered")
+        _TOKEN_MIXERS[name] = factory
+        return factory
+
+    return deco
+
+
+def _load_optional_mixers() -> None:
+    # Mixers defined in batchmates.nn (e.g. "miba", "eiba") register themselves on import; import lazily.
+    try:
+        import batchmates.nn  # noqa: F401
+    except ImportError:  # pragma: no cover - only while batchmates.nn is being written
+        pass
+
+
+def available_token_mixers() -> list[str]:
+    _load_optional_mixers()
+    return sorted(_TOKEN_MIXERS)
+
+
+def create_token_mixer(name: str, dim: int, num_heads: int, **kwargs: Any) -> nn.Module:
+    """Build the token mixer registered as ``name`` for width ``dim`` with ``num_heads`` heads."""
+    _load_optional_mixers()
+    if name not in _TOKEN_MIXERS:
+        raise ValueError(f"token mixer {name!r} is not registered; choose one of {sorted(_TOKEN_MIXERS)}")
+    return _TOKEN_MIXERS[name](dim, num_heads, **kwargs)
+
+
+@register_token_mixer("self")
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the tokens of each sample (qkv Linear, SDPA, output projection)."""
+
+    def __init__(self, dim: int, num_heads: int = 4, *, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = float(attn_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block with a registered token mixer as its attention sub-layer."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mixer: str = "self", mlp_ratio: float = 4.0, **mixer_kwargs: Any
+    ) -> None:
+        super().__init__()
+        self.mixer_name = mixer
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = create_token_mixer(mixer, dim, num_heads, **mixer_kwargs)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def default_patch_size(image_size: int) -> int:
+    """2 up to 16 px, 4 up to 48 px, 8 above (library choice)."""
+    return 2 if image_size <= 16 else 4 if image_size <= 48 else 8
+
+
+class VisionTransformer(Backbone):
+    """ViT backbone; ``forward_stages`` returns the token map ``[N, T, dim]`` after every block.
+
+    Args:
+        mixers: one token-mixer name for every block or one per block (length ``depth``).
+        mixer_kwargs: options for the mixers: a mapping from mixer name to its keyword arguments
+            (``{"miba": {"eval_mode": "batch"}}``), or a sequence with one mapping per block.
+        pool: ``"mean"`` over patch tokens (default; tokens are then exactly the patch grid) or ``"cls"``
+            (a CLS token is prepended, so ``T = patches + 1``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        *,
+        patch_size: int | None = None,
+        dim: int = 128,
+        depth: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        mixers: str | Sequence[str] = "self",
+        mixer_kwargs: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]] | None = None,
+        pool: str = "mean",
+        attn_layer: str | None = "none",
+    ) -> None:
+        super().__init__()
+        if attn_layer not in (None, "none"):
+            raise ValueError(
+                f"vit-tiny has no convolutional blocks for attn_layer={attn_layer!r}; use mixers=... to choose "
+                "token mixers (e.g. mixers=['self', 'self', 'miba', ...]) or a CNN/ResNet backbone"
+            )
+        patch = patch_size or default_patch_size(image_size)
+        if image_size % patch:
+            raise ValueError(
+                f"image_size {image_size} is not divisible by patch_size {patch}; pass patch_size= a divisor "
+                "or resize the images (load_dataset(..., image_size=...))"
+            )
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls'; got {pool!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1; got {depth}")
+        names = [mixers] * depth if isinstance(mixers, str) else list(mixers)
+        if len(names) != depth:
+            raise ValueError(
+                f"mixers has {len(names)} entries but depth is {depth}; give one name for all blocks or one per block"
+            )
+        per_block = self._mixer_kwargs(names, mixer_kwargs)
+        self.in_channels, self.image_size, self.patch_size = int(in_channels), int(image_size), int(patch)
+        self.pool_kind = pool
+        self.num_patches = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        n_tokens = self.num_patches + (1 if pool == "cls" else 0)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        self.blocks = nn.ModuleList(
+            ViTBlock(dim, num_heads, name, mlp_ratio, **kw) for name, kw in zip(names, per_block)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.mixers = names
+        self.feature_dim = int(dim)
+        self.stage_dims = [int(dim)] * depth
+        self.stage_kinds = ["tokens"] * depth
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _mixer_kwargs(names: list[str], mixer_kwargs: Any) -> list[dict[str, Any]]:
+        if mixer_kwargs is None:
+            return [{} for _ in names]
+        if isinstance(mixer_kwargs, Mapping):
+            unknown = set(mixer_kwargs) - set(names)
+            if unknown:
+                raise ValueError(
+                    f"mixer_kwargs names {sorted(unknown)} are not among the mixers used {sorted(set(names))}; "
+                    "key mixer_kwargs by mixer name, e.g. {'miba': {'eval_mode': 'batch'}}"
+                )
+            return [dict(mixer_kwargs.get(n, {})) for n in names]
+        per_block = list(mixer_kwargs)
+        if len(per_block) != len(names):
+            raise ValueError(f"mixer_kwargs has {len(per_block)} entries but depth is {len(names)}")
+        return [dict(kw) for kw in per_block]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Token maps ``[N, T, dim]`` after every block (before the final LayerNorm)."""
+        self._check_input(x, self.in_channels)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"this ViT was built for {self.image_size}x{self.image_size} images; got {tuple(x.shape[-2:])}"
+            )
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        t = t + self.pos_embed
+        out = []
+        for block in self.blocks:
+            t = block(t)
+            out.append(t)
+        return out
+
+    def pool(self, last: torch.Tensor) -> torch.Tensor:
+        t = self.norm(last)
+        return t[:, 0] if self.pool_kind == "cls" else t.mean(dim=1)
+
+
+def vit_tiny(in_channels: int, image_size: int, **kw: Any) -> VisionTransformer:
+    """The ``"vit-tiny"`` backbone: dim 128, depth 6, 4 heads, patch by :func:`default_patch_size`."""
+    return VisionTransformer(in_channels, image_size, **kw)

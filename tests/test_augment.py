@@ -1,0 +1,133 @@
+"""batchmates.data.augment: batched per-sample augmentation, views, multi-crop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchmates.data import STRENGTHS, MultiCrop, TwoViews, eval_transform, make_augment, multicrop_sizes
+
+torch.set_num_threads(1)
+
+SIZES = [(8, 1), (28, 1), (32, 3)]
+
+
+def _batch(size: int, ch: int, n: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(size)
+    return torch.randint(0, 256, (n, ch, size, size), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("size,ch", SIZES)
+@pytest.mark.parametrize("strength", STRENGTHS)
+def test_shapes_dtype_and_reproducible(size, ch, strength):
+    mean, std = [0.3] * ch, [0.2] * ch
+    aug = make_augment(size, ch, mean, std, strength)
+    x = _batch(size, ch)
+    torch.manual_seed(0)
+    a = aug(x)
+    torch.manual_seed(0)
+    b = aug(x)
+    assert a.shape == (6, ch, size, size) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    lo, hi = (0 - 0.3) / 0.2, (1 - 0.3) / 0.2
+    assert a.min() >= lo - 1e-5 and a.max() <= hi + 1e-5  # normalised [0, 1] values
+
+
+@pytest.mark.parametrize("size,ch", SIZES)
+def test_none_is_exact_normalisation_and_float_input_matches_uint8(size, ch):
+    mean, std = [0.25, 0.5, 0.75][:ch], [0.5, 0.25, 0.125][:ch]
+    x = _batch(size, ch)
+    out = eval_transform(size, ch, mean, std)(x)
+    ref = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64
+    ).view(1, -1, 1, 1)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_transform(size, ch, mean, std)(x.float() / 255), out)
+    resized = eval_transform(size, ch, mean, std, resize_to=size * 2)(x)
+    assert resized.shape == (6, ch, size * 2, size * 2)
+
+
+@pytest.mark.parametrize("size,ch", SIZES)
+@pytest.mark.parametrize("strength", ["weak", "simclr", "barlow_a", "barlow_b"])
+def test_parameters_are_drawn_per_sample(size, ch, strength):
+    # a structured image (a gradient) so different crops / flips give different outputs
+    ramp = torch.linspace(0, 255, size).round().to(torch.uint8)
+    img = (ramp.view(1, -1) + ramp.view(-1, 1) // 3).clamp(max=255).to(torch.uint8).expand(ch, size, size)
+    x = img.unsqueeze(0).repeat(16, 1, 1, 1)
+    torch.manual_seed(1)
+    out = make_augment(size, ch, [0.5] * ch, [0.5] * ch, strength)(x)
+    distinct = {tuple(o.flatten().round(decimals=4).tolist()) for o in out}
+    assert len(distinct) > 8, "identical inputs got (mostly) identical views: parameters shared across the batch"
+
+
+def test_views_differ_and_two_views():
+    x = _batch(28, 1, 4)
+    aug = make_augment(28, 1, [0.3], [0.3], "simclr")
+    torch.manual_seed(0)
+    v1, v2 = TwoViews(aug)(x)
+    assert v1.shape == v2.shape == (4, 1, 28, 28) and not torch.equal(v1, v2)
+    a, b = make_augment(32, 3, [0.5] * 3, [0.5] * 3, "barlow_a"), make_augment(32, 3, [0.5] * 3, [0.5] * 3, "barlow_b")
+    tv = TwoViews(a, b)
+    assert tv.aug1 is a and tv.aug2 is b
+
+
+def test_recipe_contents():
+    names = lambda aug: [type(op).__name__ for op in aug.ops]  # noqa: E731
+    assert "RandomHorizontalFlip" not in names(make_augment(8, 1, [0.5], [0.5], "weak", hflip=False))
+    assert "RandomHorizontalFlip" in names(make_augment(28, 1, [0.5], [0.5], "weak"))
+    small = names(make_augment(28, 1, [0.5], [0.5], "simclr"))
+    assert "RandomGaussianBlur" not in small and "RandomGrayscale" not in small
+    big = names(make_augment(96, 3, [0.5] * 3, [0.5] * 3, "simclr"))
+    assert "RandomGaussianBlur" in big and "RandomGrayscale" in big
+    a = make_augment(96, 3, [0.5] * 3, [0.5] * 3, "barlow_a")
+    b = make_augment(96, 3, [0.5] * 3, [0.5] * 3, "barlow_b")
+    blur_p = lambda aug: next(op.p for op in aug.ops if type(op).__name__ == "RandomGaussianBlur")  # noqa: E731
+    assert blur_p(a) == 1.0 and blur_p(b) == pytest.approx(0.1)
+    assert "RandomSolarize" in names(b) and "RandomSolarize" not in names(a)
+
+
+def test_weak_padding_crop_keeps_content():
+    # with p(flip)=0 the weak crop is a translation by at most `padding` pixels
+    x = _batch(32, 3, 8)
+    torch.manual_seed(3)
+    out = make_augment(32, 3, [0.0] * 3, [1.0] * 3, "weak", hflip=False)(x)
+    xf = x.float() / 255
+    for i in range(8):
+        found = False
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                sy, sx = slice(max(dy, 0), 32 + min(dy, 0)), slice(max(dx, 0), 32 + min(dx, 0))
+                ty, tx = slice(max(-dy, 0), 32 + min(-dy, 0)), slice(max(-dx, 0), 32 + min(-dx, 0))
+                if torch.allclose(out[i][:, ty, tx], xf[i][:, sy, sx], atol=1e-5):
+                    found = True
+        assert found, f"sample {i}: weak crop is not a shift of at most 4 px"
+
+
+@pytest.mark.parametrize("size,ch,expected", [(8, 1, (8, 6)), (28, 1, (28, 16)), (32, 3, (32, 18))])
+def test_multicrop_sizes_and_order(size, ch, expected):
+    assert multicrop_sizes(size) == expected
+    high, low = expected
+    mc = MultiCrop(high, low, 2, 3, channels=ch, mean=[0.5] * ch, std=[0.5] * ch, image_size=size)
+    torch.manual_seed(0)
+    views = mc(_batch(size, ch, 4))
+    assert [tuple(v.shape[-2:]) for v in views] == [(high, high)] * 2 + [(low, low)] * 3
+    assert all(v.shape[:2] == (4, ch) and v.dtype == torch.float32 for v in views)
+    assert not torch.equal(views[0], views[1])
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="strength"):
+        make_augment(28, 1, [0.5], [0.5], "strong")
+    with pytest.raises(ValueError, match="one value per channel"):
+        make_augment(32, 3, [0.5], [0.5], "weak")
+    with pytest.raises(ValueError, match="crop_scale"):
+        make_augment(32, 3, [0.5] * 3, [0.5] * 3, "simclr", crop_scale=(0.5, 0.2))
+    aug = make_augment(28, 1, [0.5], [0.5], "weak")
+    with pytest.raises(ValueError, match="channels"):
+        aug(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="batch"):
+        aug(torch.zeros(1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        aug(torch.zeros(2, 1, 28, 28, dtype=torch.int64))
+    with pytest.raises(ValueError, match="low_size"):
+        MultiCrop(16, 28, channels=1, mean=[0.5], std=[0.5])
