@@ -1,0 +1,33 @@
+"""Batch-relational layers: modules whose per-sample output uses the other samples of the (global) batch.
+
+Every layer here has ``eval_mode``: ``"independent"`` (default; in ``eval()`` a sample's output never depends
+on its batch mates and equals its batch-size-1 output) or ``"batch"`` (opt-in). Under ``torch.distributed``
+they relate the global batch through the gradient-exact collectives of :mod:`batchmates.distributed`.
+
+```python
+from batchmates.nn import BA2M, IntraBatchAttention, BatchFormer
+BA2M(64)(x)                                  # [N, C, H, W] -> same, batch-softmax sample re-weighting
+IntraBatchAttention(192, 3, mode="element")  # [B, N, D] -> same, MIBA ("mean") / EIBA ("element")
+BatchFormer(512)(feats)                      # [B, D] -> same, transformer layer across the batch
+```
+
+Importing this package registers ``"ba2m"`` as a backbone attention layer and ``"miba"`` / ``"eiba"`` as ViT
+token mixers.
+"""
+
+from .ba2m import BA2M
+from .batch_transformer import BatchTransformerHead
+from .batchformer import BatchFormer
+from .class_batch_attention import ClassBatchAttention
+from .intra_batch_attention import IntraBatchAttention, intra_batch_attention
+from .multi_level_attention import MultiLevelAttention
+
+__all__ = [
+    "BA2M",
+    "BatchFormer",
+    "BatchTransformerHead",
+    "ClassBatchAttention",
+    "IntraBatchAttention",
+    "MultiLevelAttention",
+    "intra_batch_attention",
+]
