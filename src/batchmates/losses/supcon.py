@@ -74,27 +74,28 @@ def _mask_self_(logits: Tensor, self_col: Tensor, col0: int) -> None:
 
 
 class _ExclusiveLogSumExp(torch.autograd.Function):
-    """``lse_i = log Σ_{j ≠ self(i)} exp(a_i · c_j)`` for anchors ``a [Ma, D]`` and contrast ``c [Mc, D]``.
+    """``lse_i = log Σ_{j ≠ self(i)} exp(s · a_i·c_j)`` for anchors ``a [Ma, D]``, contrast ``c [Mc, D]``, scale ``s``.
 
-    ``block=None``: dense, one ``[Ma, Mc]`` buffer that is turned into the softmax in place and saved for backward.
-    ``block=b``: anchor blocks × contrast blocks of ``b`` rows; forward keeps per-block log-sum-exps only and
-    backward recomputes every block, so the extra memory is ``O(b² + (Ma + Mc)·D)``.
-    Gradients: ``∂lse_i/∂a_i = Σ_j p_ij c_j`` and ``∂lse_i/∂c_j = p_ij a_i`` with ``p`` the row softmax.
+    ``block=None``: dense, a single ``[Ma, Mc]`` buffer (logits, then their row-shifted exponentials in place) is
+    kept for backward. ``block=b``: anchor blocks × contrast blocks of ``b`` rows; forward keeps only per-block
+    log-sum-exps and backward recomputes every block, so the extra memory is ``O(b² + (Ma + Mc)·D)``.
+    Gradients: ``∂lse_i/∂a_i = s Σ_j p_ij c_j`` and ``∂lse_i/∂c_j = s p_ij a_i`` with ``p`` the row softmax.
     """
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, contrast: Tensor, self_col: Tensor, block: int | None) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, anchors: Tensor, contrast: Tensor, self_col: Tensor, scale: float, block: int | None
+    ) -> Tensor:
         with _no_autocast(anchors.device):
             ma, mc = anchors.shape[0], contrast.shape[0]
             if block is None:
-                logits = anchors @ contrast.T
+                logits = torch.addmm(anchors.new_empty(()), anchors, contrast.T, beta=0, alpha=scale)
                 logits.scatter_(1, self_col.unsqueeze(1), float("-inf"))
                 row_max = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(row_max).exp_()
-                total = probs.sum(dim=1, keepdim=True)
-                probs.div_(total)
-                lse = (row_max + total.log()).squeeze(1)
-                ctx.save_for_backward(anchors, contrast, probs, lse)
+                expd = logits.sub_(row_max).exp_()  # unnormalised row softmax, self entries exactly 0
+                total = expd.sum(dim=1)
+                lse = total.log().add_(row_max.squeeze(1))
+                ctx.save_for_backward(anchors, contrast, expd, total)
             else:
                 parts = []
                 for i0 in range(0, ma, block):
@@ -102,49 +103,48 @@ class _ExclusiveLogSumExp(torch.autograd.Function):
                     cols = self_col[i0 : i0 + block]
                     block_lse = []
                     for j0 in range(0, mc, block):
-                        logits = a @ contrast[j0 : j0 + block].T
+                        logits = torch.addmm(a.new_empty(()), a, contrast[j0 : j0 + block].T, beta=0, alpha=scale)
                         _mask_self_(logits, cols, j0)
                         block_lse.append(torch.logsumexp(logits, dim=1))
                     parts.append(torch.logsumexp(torch.stack(block_lse, dim=1), dim=1))
                 lse = torch.cat(parts)
                 ctx.save_for_backward(anchors, contrast, self_col, lse)
         ctx.block = block
+        ctx.scale = scale
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        block = ctx.block
+        block, scale = ctx.block, ctx.scale
+        need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with _no_autocast(grad.device):
             if block is None:
-                anchors, contrast, probs, _ = ctx.saved_tensors
-                g = grad.unsqueeze(1)
-                grad_a = grad_c = None
-                if ctx.needs_input_grad[0]:
-                    grad_a = (probs @ contrast).mul_(g)
-                if ctx.needs_input_grad[1]:
-                    grad_c = probs.T @ (anchors * g)
-                return grad_a, grad_c, None, None
+                anchors, contrast, expd, total = ctx.saved_tensors
+                g = (grad * scale / total).unsqueeze(1)  # row softmax = expd / total
+                grad_a = (expd @ contrast).mul_(g) if need_a else None
+                grad_c = expd.T @ (anchors * g) if need_c else None
+                return grad_a, grad_c, None, None, None
             anchors, contrast, self_col, lse = ctx.saved_tensors
-            grad_a = torch.zeros_like(anchors) if ctx.needs_input_grad[0] else None
-            grad_c = torch.zeros_like(contrast) if ctx.needs_input_grad[1] else None
+            grad_a = torch.zeros_like(anchors) if need_a else None
+            grad_c = torch.zeros_like(contrast) if need_c else None
             ma, mc = anchors.shape[0], contrast.shape[0]
             for i0 in range(0, ma, block):
                 a = anchors[i0 : i0 + block]
                 cols = self_col[i0 : i0 + block]
                 row_lse = lse[i0 : i0 + block].unsqueeze(1)
-                g = grad[i0 : i0 + block].unsqueeze(1)
+                g = (grad[i0 : i0 + block] * scale).unsqueeze(1)
                 ga = a * g
                 for j0 in range(0, mc, block):
                     c = contrast[j0 : j0 + block]
-                    logits = a @ c.T
+                    logits = torch.addmm(a.new_empty(()), a, c.T, beta=0, alpha=scale)
                     _mask_self_(logits, cols, j0)
                     probs = logits.sub_(row_lse).exp_()
                     if grad_a is not None:
                         grad_a[i0 : i0 + block].addcmul_(probs @ c, g)
                     if grad_c is not None:
                         grad_c[j0 : j0 + block].addmm_(probs.T, ga)
-            return grad_a, grad_c, None, None
+            return grad_a, grad_c, None, None, None
 
 
 def _check_positive_float(name: str, value: float) -> float:
@@ -286,23 +286,25 @@ def supcon_loss(
         n_global = feats_all.shape[0]
         if n_global * n_views < 2:
             raise ValueError(
-                "SupCon needs at least 2 contrast views in the (global) batch besides nothing: got 1 sample with 1 "
-                "view, so the anchor has no other view to contrast with. Use >= 2 views or >= 2 samples."
+                "SupCon needs at least 2 views in the (global) batch: got 1 sample with 1 view, so the anchor has "
+                "nothing to contrast with. Use >= 2 views or >= 2 samples."
             )
 
-        # Anchors (this rank's views, view-major) and the global contrast set, view-major: index v*N_global + n.
+        # Anchors (this rank's views) and the global contrast set, both view-major: contrast row v*N_global + n.
         contrast = feats_all.transpose(0, 1).reshape(n_views * n_global, -1)
         if contrast_mode == "all":
-            anchors = feats.transpose(0, 1).reshape(n_views * n_local, -1)
+            anchors = contrast if not distributed else feats.transpose(0, 1).reshape(n_views * n_local, -1)
             n_anchor_views = n_views
         else:
             anchors = feats[:, 0]
             n_anchor_views = 1
-        idx_local = torch.arange(n_local, device=device)
-        view_offsets = torch.arange(n_anchor_views, device=device) * n_global
-        self_col = (view_offsets.unsqueeze(1) + (start + idx_local).unsqueeze(0)).reshape(-1)
+        self_col = torch.arange(n_local, device=device) + start
+        if n_anchor_views > 1:
+            self_col = (torch.arange(n_anchor_views, device=device).unsqueeze(1) * n_global + self_col).reshape(-1)
 
-        # Positive term: pos_vec_i = Σ_{p ∈ P(i)} w_ip z_p, n_pos_i = Σ_p w_ip (weights 1 for labels / SimCLR).
+        # Positive term of anchor (v, n): pos_vec = Σ_p w_np z_p over all views of the positives of sample n, minus
+        # the anchor itself (weight w_nn); n_pos = Σ_p w_np·V - w_nn. Built from per-class / masked sums of
+        # the per-sample view sums, never from a [VN, VN] mask.
         if mask is not None:
             if mask.shape[0] != n_global:
                 raise ValueError(
@@ -311,32 +313,30 @@ def supcon_loss(
                     "(same on every rank, rows in rank order) or pass labels instead"
                 )
             m = mask[start : start + n_local].to(compute_dtype)
-            m_self = m[idx_local, start + idx_local]
-            sample_pos = m @ feats_all.sum(dim=1)  # [N_local, D]
-            sample_count = m.sum(dim=1) * n_views
+            w_self = m.diagonal(offset=start).unsqueeze(1)  # [N_local, 1]
+            sample_pos = m @ feats_all.sum(dim=1)
+            n_pos = m.sum(dim=1) * n_views - w_self.squeeze(1)
         elif labels is not None:
-            labels_all = bdist.gather(labels) if distributed else labels
-            _, inverse = torch.unique(labels_all, return_inverse=True)
-            n_classes = int(inverse.max()) + 1
-            class_sum = feats_all.new_zeros(n_classes, feats_all.shape[-1]).index_add(0, inverse, feats_all.sum(1))
-            class_count = torch.bincount(inverse, minlength=n_classes).to(compute_dtype) * n_views
-            mine = inverse[start : start + n_local]
+            labels_all = (bdist.gather(labels) if distributed else labels).long()
+            # Class ids without a host sync: the position of each label's first occurrence in sorted order.
+            class_id = torch.searchsorted(torch.sort(labels_all).values, labels_all)
+            fsum = feats_all.sum(dim=1)
+            class_sum = torch.zeros_like(fsum).index_add_(0, class_id, fsum)
+            class_count = torch.zeros(n_global, dtype=compute_dtype, device=device).index_add_(
+                0, class_id, torch.ones(n_global, dtype=compute_dtype, device=device)
+            )
+            mine = class_id[start : start + n_local]
             sample_pos = class_sum[mine]
-            sample_count = class_count[mine]
-            m_self = None
+            n_pos = class_count[mine] * n_views - 1
+            w_self = None
         else:  # SimCLR: the positives of a view are the other views of its own sample
             sample_pos = feats.sum(dim=1)
-            sample_count = torch.full((n_local,), float(n_views), dtype=compute_dtype, device=device)
-            m_self = None
+            n_pos = torch.full((n_local,), float(n_views - 1), dtype=compute_dtype, device=device)
+            w_self = None
 
         anchors_v = anchors.reshape(n_anchor_views, n_local, -1)
-        if m_self is None:
-            pos_vec = sample_pos.unsqueeze(0) - anchors_v
-            n_pos = (sample_count - 1).expand(n_anchor_views, n_local)
-        else:
-            pos_vec = sample_pos.unsqueeze(0) - m_self.view(1, -1, 1) * anchors_v
-            n_pos = (sample_count - m_self).expand(n_anchor_views, n_local)
-        pos_logit_sum = (anchors_v * pos_vec).sum(dim=-1) / temperature  # [Va, N_local]
+        pos_vec = sample_pos - (anchors_v if w_self is None else w_self * anchors_v)
+        pos_dot = (anchors_v * pos_vec).sum(dim=-1)  # [Va, N_local] = τ · Σ_p w_ip s_ip
 
         if chunk_size is not None:
             block = chunk_size
@@ -344,12 +344,15 @@ def supcon_loss(
             block = _DEFAULT_BLOCK
         else:
             block = None
-        lse = _ExclusiveLogSumExp.apply(anchors / temperature, contrast, self_col, block)
+        lse = _ExclusiveLogSumExp.apply(anchors, contrast, self_col, 1.0 / temperature, block)
         lse = lse.view(n_anchor_views, n_local)
 
-        # Official: mean_log_prob_pos = Σ_p w_ip (s_ip - lse_i) / n_pos_i, with n_pos < 1e-6 replaced by 1.
-        denom = torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
-        per_anchor = (temperature / base_temperature) * (lse * (n_pos / denom) - pos_logit_sum / denom)
+        # Official: loss_i = -(τ/τ_b) Σ_p w_ip (s_ip - lse_i) / n_pos_i, with n_pos < 1e-6 replaced by 1 (loss 0).
+        has_pos = n_pos >= 1e-6
+        inv_denom = 1.0 / torch.where(has_pos, n_pos, torch.ones_like(n_pos))
+        coef_lse = (temperature / base_temperature) * (n_pos * inv_denom)  # 1 (or 0 without positive) for 0/1 masks
+        coef_pos = inv_denom / base_temperature
+        per_anchor = lse * coef_lse - pos_dot * coef_pos
 
         if reduction == "none":
             return per_anchor
@@ -359,7 +362,7 @@ def supcon_loss(
                 total = bdist.all_reduce_sum(total)
             return total / (n_anchor_views * n_global)
         # mean_positive
-        count = (n_pos >= 1e-6).sum().to(compute_dtype)
+        count = has_pos.sum().to(compute_dtype) * n_anchor_views
         if distributed:
             total = bdist.all_reduce_sum(total)
             count = bdist.all_reduce_sum(count)
