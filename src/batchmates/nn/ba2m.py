@@ -215,7 +215,7 @@ class BA2M(nn.Module):
         y = y.squeeze(1).transpose(1, 2).reshape(n, self.hidden, h, w)
         a_gs = self.nl_out(y)
         # max over the three (broadcast to C x H x W), mean over all elements -> one scalar per sample.
-        a = torch.maximum(torch.maximum(a_c, a_ls), a_gs)
+        a = torch.maximum(a_c, torch.maximum(a_ls, a_gs))  # spatial max first: one broadcast max, not two
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         return a.to(acc).mean(dim=(1, 2, 3))
 

@@ -85,14 +85,15 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def mean_batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
     """MIBA: ``softmax(Q_b K̄ᵀ/√d) V̄`` with K̄, V̄ the (global) batch means of ``k, v``. Shapes ``[B, h, N, d]``."""
     acc = _acc_dtype(k)
-    k_sum, v_sum = k.to(acc).sum(0), v.to(acc).sum(0)
-    count = k.shape[0]
     if gather and distributed.is_distributed():
-        k_sum = distributed.all_reduce_sum(k_sum)
-        v_sum = distributed.all_reduce_sum(v_sum)
-        count = distributed.global_count(count, k.device)
-    k_bar = (k_sum / count).to(q.dtype).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
-    v_bar = (v_sum / count).to(q.dtype).unsqueeze(0).expand(q.shape[0], -1, -1, -1)
+        count = distributed.global_count(k.shape[0], k.device)
+        k_bar = distributed.all_reduce_sum(k.sum(0, keepdim=True, dtype=acc)) / count
+        v_bar = distributed.all_reduce_sum(v.sum(0, keepdim=True, dtype=acc)) / count
+    else:
+        k_bar, v_bar = k.mean(0, keepdim=True, dtype=acc), v.mean(0, keepdim=True, dtype=acc)
+    b = q.shape[0]
+    k_bar = k_bar.to(q.dtype).expand(b, -1, -1, -1)
+    v_bar = v_bar.to(q.dtype).expand(b, -1, -1, -1)
     return F.scaled_dot_product_attention(q, k_bar, v_bar)
 
 
@@ -271,7 +272,7 @@ class IntraBatchAttention(nn.Module):
             iba = intra_batch_attention(
                 q, k, v, self.mode, self.chunk_size, gather=self.gather, checkpoint_chunks=self.checkpoint_chunks
             )
-            out = 0.5 * (out + iba)
+            out = torch.lerp(out, iba, 0.5)  # ½(SA + IBA) in one kernel; exactly SA when IBA == SA
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
 
 

@@ -1,0 +1,268 @@
+"""BA²M (arXiv:2103.15099): maths against an independent reference, batch contract, edge cases, DDP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchmates.models.layers import create_attn_layer
+from batchmates.nn.ba2m import BA2M
+from batchmates.testing import run_distributed
+from batchmates.testing.distributed import ddp_average_grads
+
+torch.set_num_threads(1)
+DT = torch.float64
+
+
+def _make(channels: int = 8, seed: int = 0, **kw) -> BA2M:
+    torch.manual_seed(seed)
+    m = BA2M(channels, reduction=2, dilation=2, **kw).to(DT)
+    # Non-trivial BN affine parameters and running statistics so the reference exercises them.
+    with torch.no_grad():
+        for bn in (m.channel_bn, m.local_bn):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _x(n: int = 5, c: int = 8, h: int = 6, w: int = 5, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g, dtype=DT)
+
+
+def _bn_ref(t: torch.Tensor, bn: torch.nn.Module, batch_stats: bool) -> torch.Tensor:
+    dims = [0] + list(range(2, t.dim()))
+    shape = [1, -1] + [1] * (t.dim() - 2)
+    if batch_stats:
+        mean, var = t.mean(dims, keepdim=True), t.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = bn.running_mean.view(shape), bn.running_var.view(shape)
+    return (t - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
+
+
+def _reference_scores(m: BA2M, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
+    """A_i = mean(max(A_C, A_LS, A_GS)) written out with explicit ops (no SDPA, no nn.BatchNorm)."""
+    n, c, h, w = x.shape
+    pooled = x.mean(dim=(2, 3))
+    hid = _bn_ref(pooled @ m.channel_fc1.weight.T + m.channel_fc1.bias, m.channel_bn, batch_stats)
+    a_c = (torch.relu(hid) @ m.channel_fc2.weight.T + m.channel_fc2.bias).view(n, c, 1, 1)
+    d = m.local_dilated.dilation[0]
+    hd = m.hidden
+    w_loc, w_theta, w_phi, w_g = m.reduce.weight[:, :, 0, 0].split(hd)
+    b_loc, b_theta, b_phi, b_g = m.reduce.bias.split(hd)
+    t = torch.relu(torch.einsum("kc,nchw->nkhw", w_loc, x) + b_loc.view(1, -1, 1, 1))
+    t = torch.relu(F.conv2d(t, m.local_dilated.weight, m.local_dilated.bias, padding=d, dilation=d))
+    a_ls = _bn_ref(F.conv2d(t, m.local_out.weight, m.local_out.bias), m.local_bn, batch_stats)
+    theta = torch.einsum("kc,nchw->nkhw", w_theta, x) + b_theta.view(1, -1, 1, 1)
+    phi = torch.einsum("kc,nchw->nkhw", w_phi, x) + b_phi.view(1, -1, 1, 1)
+    g = torch.einsum("kc,nchw->nkhw", w_g, x) + b_g.view(1, -1, 1, 1)
+    att = torch.softmax(torch.einsum("nkp,nkq->npq", theta.flatten(2), phi.flatten(2)), dim=-1)  # [N, HW, HW]
+    y = torch.einsum("npq,nkq->nkp", att, g.flatten(2)).view(n, -1, h, w)
+    a_gs = F.conv2d(y, m.nl_out.weight, m.nl_out.bias)
+    big = torch.maximum(torch.maximum(a_c.expand(n, c, h, w), a_ls.expand(n, c, h, w)), a_gs.expand(n, c, h, w))
+    return big.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("weight_mode", ["scaled", "raw", "residual"])
+def test_matches_reference_in_training(weight_mode: str) -> None:
+    m = _make(weight_mode=weight_mode).train()
+    x = _x()
+    out = m(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    a = _reference_scores(m, x, batch_stats=True)
+    w = torch.exp(a - a.max()) / torch.exp(a - a.max()).sum()
+    s = {"scaled": x.shape[0] * w, "raw": w, "residual": 1 + w}[weight_mode]
+    torch.testing.assert_close(m.attention_scores(x), a, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out, x * s.view(-1, 1, 1, 1), atol=1e-10, rtol=1e-10)
+    assert s.std() > 1e-4  # the weights really differ across samples
+
+
+def test_eval_batch_mode_uses_running_stats_and_the_batch() -> None:
+    m = _make(eval_mode="batch").eval()
+    x = _x()
+    a = _reference_scores(m, x, batch_stats=False)
+    torch.testing.assert_close(m(x), x * (x.shape[0] * torch.softmax(a, 0)).view(-1, 1, 1, 1))
+    # changing the batch mates changes sample 0's output in "batch" eval
+    x2 = x.clone()
+    x2[1:] = _x(seed=7)[1:]
+    assert not torch.allclose(m(x)[0], m(x2)[0])
+
+
+def test_weights_positive_and_raw_sum_to_one() -> None:
+    m = _make(weight_mode="raw").train()
+    x = _x(n=7)
+    w = m.sample_weights(x)
+    assert (w > 0).all()
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=w.dtype))
+    s = m.sample_scales(x)
+    torch.testing.assert_close(s, w)
+    torch.testing.assert_close(s.sum(), torch.tensor(1.0, dtype=s.dtype))
+    scaled = _make(weight_mode="scaled").train().sample_scales(x)
+    torch.testing.assert_close(scaled.mean(), torch.tensor(1.0, dtype=s.dtype))
+
+
+@pytest.mark.parametrize("hw", [(6, 5), (1, 1)])
+def test_batch_of_one_in_training(hw: tuple[int, int]) -> None:
+    m = _make(weight_mode="scaled").train()
+    x = _x(n=1, h=hw[0], w=hw[1])
+    before = m.channel_bn.running_mean.clone()
+    out = m(x)  # must not raise "Expected more than 1 value per channel"
+    torch.testing.assert_close(out, x, atol=0, rtol=0)  # scaled mode, N=1: s = 1 * softmax([a]) = 1
+    assert torch.equal(m.channel_bn.running_mean, before)  # running stats untouched by a 1-sample batch
+    out.sum().backward()
+    raw = _make(weight_mode="raw").train()
+    torch.testing.assert_close(raw(x), x)
+    res = _make(weight_mode="residual").train()
+    torch.testing.assert_close(res(x), 2 * x)
+
+
+def test_permutation_equivariance_in_training() -> None:
+    m = _make().train()
+    x = _x(n=6)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(m(x[perm]), m(x)[perm], atol=1e-12, rtol=1e-10)
+
+
+def test_independent_eval_is_batch_independent_and_equals_batch_of_one() -> None:
+    m = _make().eval()
+    x = _x(n=4)
+    x2 = x.clone()
+    x2[1:] = _x(n=4, seed=9)[1:]
+    out, out2 = m(x), m(x2)
+    torch.testing.assert_close(out[0], out2[0], atol=0, rtol=0)
+    for i in range(4):
+        torch.testing.assert_close(out[i : i + 1], m(x[i : i + 1]), atol=0, rtol=0)
+    torch.testing.assert_close(out, x)  # s = 1
+
+
+def _cross_grad(m: BA2M, x: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    m(x)[0].sum().backward()
+    return x.grad[1:]
+
+
+def test_gradient_flows_across_samples_only_when_the_batch_is_used() -> None:
+    m = _make().train()
+    assert _cross_grad(m, _x(n=4)).abs().max() > 1e-6
+    m.eval()
+    assert torch.count_nonzero(_cross_grad(m, _x(n=4))) == 0
+    m.eval_mode = "batch"
+    assert _cross_grad(m, _x(n=4)).abs().max() > 1e-6
+
+
+def test_gradcheck_raw_weighting() -> None:
+    m = _make(channels=4, weight_mode="raw")
+    m.train()
+    m.channel_bn.eval()  # deterministic BN for gradcheck; batch stats are covered by the reference test
+    m.local_bn.eval()
+    x = _x(n=3, c=4, h=3, w=3).requires_grad_(True)
+    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_registered_as_attention_layer() -> None:
+    layer = create_attn_layer("ba2m", 32, weight_mode="raw")
+    assert isinstance(layer, BA2M) and layer.channels == 32 and layer.weight_mode == "raw"
+    assert create_attn_layer("ba2m", 16)(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
+
+
+def test_bf16_autocast_is_finite() -> None:
+    torch.manual_seed(0)
+    m = BA2M(16).train()
+    x = torch.randn(4, 16, 8, 8) * 50
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        w = m.sample_weights(x)
+    assert w.dtype == torch.float32
+    assert torch.isfinite(out).all() and torch.isfinite(w).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_invalid_inputs_raise_clear_errors() -> None:
+    m = BA2M(8)
+    with pytest.raises(ValueError, match=r"4-D"):
+        m(torch.randn(2, 8, 4))
+    with pytest.raises(ValueError, match=r"channels=8"):
+        m(torch.randn(2, 6, 4, 4))
+    with pytest.raises(TypeError, match=r"floating"):
+        m(torch.ones(2, 8, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"not finite"):
+        m(torch.full((2, 8, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"eval_mode"):
+        BA2M(8, eval_mode="test")
+    with pytest.raises(ValueError, match=r"weight_mode"):
+        BA2M(8, weight_mode="softmax")
+    with pytest.raises(ValueError, match=r"reduction"):
+        BA2M(8, reduction=0)
+
+
+# --- torch.distributed: 2 gloo ranks with half the batch each == one process with all of it -----------------
+
+
+def _ddp_worker(rank: int, world: int, state: dict, x: torch.Tensor, t: torch.Tensor, modes: list[str]) -> list:
+    # BatchNorm inside the branches is put in eval (running statistics) for this check: plain BatchNorm is
+    # per-rank by design (use SyncBatchNorm, CUDA-only in PyTorch, for global statistics); what is checked
+    # here is the batch weighting, which must be global.
+    results = []
+    n = x.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    for mode in modes:
+        m = BA2M(8, reduction=2, dilation=2, weight_mode=mode).to(DT)
+        m.load_state_dict(state)
+        m.train()
+        m.channel_bn.eval()
+        m.local_bn.eval()
+        xl = x[sl].clone().requires_grad_(True)
+        out = m(xl)
+        loss = (out * t[sl]).sum() / n
+        loss.backward()
+        ddp_average_grads(m)
+        results.append((out.detach(), xl.grad, {k: p.grad for k, p in m.named_parameters()}))
+    return results
+
+
+def test_distributed_equivalence_of_batch_weighting() -> None:
+    modes = ["scaled", "raw", "residual"]
+    m0 = _make()
+    state = m0.state_dict()
+    x, t = _x(n=6), _x(n=6, seed=3)
+    results = run_distributed(_ddp_worker, 2, state, x, t, modes)
+    for i, mode in enumerate(modes):
+        m = BA2M(8, reduction=2, dilation=2, weight_mode=mode).to(DT)
+        m.load_state_dict(state)
+        m.train()
+        m.channel_bn.eval()
+        m.local_bn.eval()
+        xf = x.clone().requires_grad_(True)
+        out = m(xf)
+        ((out * t).sum() / x.shape[0]).backward()
+        for r, res in enumerate(results):
+            out_r, xgrad_r, grads_r = res[i]
+            sl = slice(3 * r, 3 * r + 3)
+            torch.testing.assert_close(out_r, out[sl].detach(), atol=1e-5, rtol=1e-5)
+            # per-rank objective is the mean over the local half, so its input gradient is W x the global one
+            torch.testing.assert_close(xgrad_r / 2, xf.grad[sl], atol=1e-5, rtol=1e-5)
+            for k, p in m.named_parameters():
+                torch.testing.assert_close(grads_r[k], p.grad, atol=1e-5, rtol=1e-5, msg=f"{mode}: grad of {k}")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_bf16_is_finite() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    m = _make().train()
+    x = _x(n=8, h=16, w=16)
+    ref = m(x)
+    mc = _make().train().cuda()
+    torch.testing.assert_close(mc(x.cuda()).cpu(), ref, atol=1e-8, rtol=1e-8)
+    m32 = BA2M(64).cuda().train()
+    x32 = torch.randn(16, 64, 32, 32, device="cuda") * 20
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m32(x32)
+        w = m32.sample_weights(x32)
+    assert w.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(w).all()
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m32.parameters() if p.grad is not None)

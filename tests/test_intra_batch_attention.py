@@ -1,0 +1,273 @@
+"""IBAFormer intra-batch attention (arXiv:2309.06282): MIBA / EIBA against a naive reference, contract, DDP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchmates.nn.intra_batch_attention import IntraBatchAttention, intra_batch_attention
+from batchmates.testing import run_distributed
+from batchmates.testing.distributed import ddp_average_grads
+
+torch.set_num_threads(1)
+DT = torch.float64
+DIM, HEADS = 12, 3
+
+
+def _make(mode: str = "mean", seed: int = 0, **kw) -> IntraBatchAttention:
+    torch.manual_seed(seed)
+    return IntraBatchAttention(DIM, HEADS, mode=mode, **kw).to(DT)
+
+
+def _x(b: int = 5, n: int = 4, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, DIM, generator=g, dtype=DT)
+
+
+# ---- independent references: explicit softmax(QK^T/sqrt(d))V, no SDPA -----------------------------------
+
+
+def _heads(m: IntraBatchAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, n, _ = x.shape
+    qkv = x @ m.qkv.weight.T + m.qkv.bias  # [B, N, 3D]
+    q, k, v = qkv.split(DIM, dim=-1)
+    return tuple(t.reshape(b, n, HEADS, DIM // HEADS).transpose(1, 2) for t in (q, k, v))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = torch.einsum("...nd,...md->...nm", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("...nm,...md->...nd", torch.softmax(scores, dim=-1), v)
+
+
+def _naive_iba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "mean":
+        kb, vb = k.mean(0, keepdim=True), v.mean(0, keepdim=True)
+        return _attend(q, kb.expand_as(k), vb.expand_as(v))
+    b = q.shape[0]
+    return torch.stack([sum(_attend(q[i], k[j], v[j]) for j in range(b)) / b for i in range(b)])
+
+
+def _merge(m: IntraBatchAttention, o: torch.Tensor) -> torch.Tensor:
+    b, _, n, _ = o.shape
+    return o.transpose(1, 2).reshape(b, n, DIM) @ m.proj.weight.T + m.proj.bias
+
+
+def _ref_self_attention(m: IntraBatchAttention, x: torch.Tensor) -> torch.Tensor:
+    return _merge(m, _attend(*_heads(m, x)))
+
+
+def _ref_block(m: IntraBatchAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
+    q, k, v = _heads(m, x)
+    return _merge(m, 0.5 * (_attend(q, k, v) + _naive_iba(q, k, v, mode)))
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_matches_naive_reference_in_training(mode: str) -> None:
+    m = _make(mode).train()
+    x = _x()
+    out = m(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    torch.testing.assert_close(out, _ref_block(m, x, mode), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_batch_of_one_and_identical_samples_reduce_to_self_attention(mode: str) -> None:
+    m = _make(mode).train()
+    x1 = _x(b=1)
+    torch.testing.assert_close(m(x1), _ref_self_attention(m, x1), atol=1e-12, rtol=1e-10)
+    same = x1.expand(4, -1, -1).clone()
+    torch.testing.assert_close(m(same), _ref_self_attention(m, same), atol=1e-12, rtol=1e-10)
+    # and a batch of different samples does not (the IBA term is really there)
+    x = _x()
+    assert (m(x) - _ref_self_attention(m, x)).abs().max() > 1e-3
+
+
+def test_miba_and_eiba_differ_on_dissimilar_samples() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 5, 3, dtype=DT) * 2 for _ in range(3))
+    miba = intra_batch_attention(q, k, v, "mean")
+    eiba = intra_batch_attention(q, k, v, "element")
+    assert (miba - eiba).abs().max() > 1e-2
+    torch.testing.assert_close(miba, _naive_iba(q, k, v, "mean"))
+    torch.testing.assert_close(eiba, _naive_iba(q, k, v, "element"))
+    mi, ei = _make("mean"), _make("element")
+    assert (mi(_x()) - ei(_x())).abs().max() > 1e-3  # same weights (same seed), different modes
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 24, 1000])
+@pytest.mark.parametrize("checkpoint_chunks", [True, False])
+def test_chunked_eiba_equals_naive_value_and_gradient(chunk_size: int, checkpoint_chunks: bool) -> None:
+    torch.manual_seed(0)
+    b = 5  # 25 query-key pairs: 3, 7 and 24 do not divide it
+    base = [torch.randn(b, 2, 4, 3, dtype=DT) for _ in range(3)]
+    gout = torch.randn(b, 2, 4, 3, dtype=DT)
+    q, k, v = (t.clone().requires_grad_(True) for t in base)
+    out = intra_batch_attention(q, k, v, "element", chunk_size, checkpoint_chunks=checkpoint_chunks)
+    (out * gout).sum().backward()
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in base)
+    ref = _naive_iba(qr, kr, vr, "element")
+    (ref * gout).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_permutation_equivariance_in_training(mode: str) -> None:
+    m = _make(mode, chunk_size=4).train()
+    x = _x(b=6)
+    perm = torch.tensor([2, 5, 0, 1, 4, 3])
+    torch.testing.assert_close(m(x[perm]), m(x)[perm], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_independent_eval_is_self_attention_and_batch_independent(mode: str) -> None:
+    m = _make(mode).eval()
+    x = _x(b=4)
+    x2 = x.clone()
+    x2[1:] = _x(b=4, seed=5)[1:]
+    out = m(x)
+    torch.testing.assert_close(out, _ref_self_attention(m, x), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out[0], m(x2)[0], atol=0, rtol=0)
+    for i in range(4):
+        torch.testing.assert_close(out[i : i + 1], m(x[i : i + 1]), atol=1e-12, rtol=1e-10)
+    m.eval_mode = "batch"  # opt-in: eval relates the test batch like training does
+    torch.testing.assert_close(m(x), _ref_block(m, x, mode), atol=1e-10, rtol=1e-10)
+    assert not torch.allclose(m(x)[0], m(x2)[0])
+
+
+def _cross_grad(m: IntraBatchAttention, x: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    m(x)[0].sum().backward()
+    return x.grad[1:]
+
+
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_gradient_flows_across_samples_only_when_the_batch_is_used(mode: str) -> None:
+    m = _make(mode).train()
+    assert _cross_grad(m, _x()).abs().min() > 0  # every other sample influences sample 0
+    m.eval()
+    assert torch.count_nonzero(_cross_grad(m, _x())) == 0
+    m.eval_mode = "batch"
+    assert _cross_grad(m, _x()).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_bf16_autocast_is_finite(mode: str) -> None:
+    torch.manual_seed(0)
+    m = IntraBatchAttention(32, 4, mode=mode, chunk_size=5).train()
+    x = (torch.randn(6, 16, 32) * 30).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.shape == (6, 16, 32) and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_invalid_inputs_raise_clear_errors() -> None:
+    m = IntraBatchAttention(DIM, HEADS)
+    with pytest.raises(ValueError, match=r"\[B, N, D\]"):
+        m(torch.randn(2, DIM))
+    with pytest.raises(ValueError, match=r"dim=12"):
+        m(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"NaN"):
+        m(torch.full((2, 3, DIM), float("inf")))
+    with pytest.raises(ValueError, match=r"mode"):
+        IntraBatchAttention(DIM, HEADS, mode="max")
+    with pytest.raises(ValueError, match=r"eval_mode"):
+        IntraBatchAttention(DIM, HEADS, eval_mode="eval")
+    with pytest.raises(ValueError, match=r"divisible"):
+        IntraBatchAttention(10, 3)
+    with pytest.raises(ValueError, match=r"chunk_size"):
+        IntraBatchAttention(DIM, HEADS, mode="element", chunk_size=0)
+    q = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"\[B, heads, N, d\]"):
+        intra_batch_attention(q[0], q[0], q[0], "mean")
+    with pytest.raises(ValueError, match=r"same samples"):
+        intra_batch_attention(q, q[:1], q[:1], "element")
+    with pytest.raises(ValueError, match=r"chunk_size"):
+        intra_batch_attention(q, q, q, "element", chunk_size=-2)
+
+
+def test_aliases_and_token_mixer_registration() -> None:
+    assert IntraBatchAttention(DIM, HEADS, mode="eiba").mode == "element"
+    assert IntraBatchAttention(DIM, HEADS, mode="MIBA").mode == "mean"
+    from batchmates.models import available_token_mixers, create_token_mixer
+
+    assert {"miba", "eiba"} <= set(available_token_mixers())
+    for name, mode in (("miba", "mean"), ("eiba", "element")):
+        mixer = create_token_mixer(name, DIM, HEADS, chunk_size=2)
+        assert isinstance(mixer, IntraBatchAttention) and mixer.mode == mode and mixer.chunk_size == 2
+        assert mixer(torch.randn(2, 3, DIM)).shape == (2, 3, DIM)
+
+
+def test_independent_eval_equals_the_vit_self_attention_mixer_with_the_same_weights() -> None:
+    from batchmates.models import create_token_mixer
+
+    m = _make("element").eval()
+    sa = create_token_mixer("self", DIM, HEADS).to(DT).eval()
+    sa.load_state_dict(m.state_dict())  # same parameter names: a "self" checkpoint loads into MIBA/EIBA
+    x = _x()
+    torch.testing.assert_close(m(x), sa(x), atol=1e-12, rtol=1e-10)
+
+
+# --- torch.distributed: 2 gloo ranks with half the batch each == one process with all of it -----------------
+
+
+def _ddp_worker(rank: int, world: int, states: dict, x: torch.Tensor, t: torch.Tensor) -> dict:
+    n = x.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    results = {}
+    for mode, state in states.items():
+        m = IntraBatchAttention(DIM, HEADS, mode=mode, chunk_size=3).to(DT)
+        m.load_state_dict(state)
+        m.train()
+        xl = x[sl].clone().requires_grad_(True)
+        out = m(xl)
+        ((out * t[sl]).sum() / n).backward()
+        ddp_average_grads(m)
+        results[mode] = (out.detach(), xl.grad, {k: p.grad for k, p in m.named_parameters()})
+    return results
+
+
+def test_distributed_equivalence_miba_eiba() -> None:
+    states = {mode: _make(mode, seed=i).state_dict() for i, mode in enumerate(["mean", "element"])}
+    x, t = _x(b=6), _x(b=6, seed=2)
+    results = run_distributed(_ddp_worker, 2, states, x, t)
+    for mode, state in states.items():
+        m = IntraBatchAttention(DIM, HEADS, mode=mode).to(DT)
+        m.load_state_dict(state)
+        xf = x.clone().requires_grad_(True)
+        out = m.train()(xf)
+        ((out * t).sum() / x.shape[0]).backward()
+        for r, res in enumerate(results):
+            out_r, xgrad_r, grads_r = res[mode]
+            sl = slice(3 * r, 3 * r + 3)
+            torch.testing.assert_close(out_r, out[sl].detach(), atol=1e-5, rtol=1e-5)
+            # per-rank objective is the mean over its half: its input gradient is W x the global objective's
+            torch.testing.assert_close(xgrad_r / 2, xf.grad[sl], atol=1e-5, rtol=1e-5)
+            for k, p in m.named_parameters():
+                torch.testing.assert_close(grads_r[k], p.grad, atol=1e-5, rtol=1e-5, msg=f"{mode}: grad of {k}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["mean", "element"])
+def test_cuda_fused_kernels_match_reference_and_bf16_is_finite(mode: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    m = IntraBatchAttention(64, 4, mode=mode, chunk_size=7).cuda().train()
+    x = torch.randn(6, 32, 64, device="cuda")
+    out = m(x)  # float32 on CUDA: fused SDPA kernels
+    m64 = IntraBatchAttention(64, 4, mode=mode).double().train()
+    m64.load_state_dict({k: v.double().cpu() for k, v in m.state_dict().items()})
+    torch.testing.assert_close(out.double().cpu(), m64(x.double().cpu()), atol=1e-4, rtol=1e-4)
+    xb = (x * 30).requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ob = m(xb)
+    assert torch.isfinite(ob).all()
+    ob.float().sum().backward()
+    assert torch.isfinite(xb.grad).all()
