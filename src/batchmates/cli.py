@@ -1,0 +1,433 @@
+"""The ``batchmates`` command: train, evaluate and compare methods, list datasets and methods, run benchmarks.
+
+Every subcommand has ``--help`` with examples. Errors in arguments or missing data print one clear message
+(naming the argument and the fix) and exit with status 2 (bad arguments) or 1 (run failure), without a traceback;
+set ``BATCHMATES_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+BENCH_GROUPS: dict[str, tuple[str, ...]] = {
+    "losses": ("supcon", "barlow_twins", "swav", "cc_loss"),
+    "modules": ("modules_a", "modules_b"),
+    "curation": ("curation",),
+}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _epilog(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+# --------------------------------------------------------------------------------------------- arguments
+def _add_run_args(p: argparse.ArgumentParser, *, single: bool) -> None:
+    """Settings shared by ``train`` and ``compare`` (default None = the method's default for the dataset)."""
+    g = p.add_argument_group("data and model")
+    if single:
+        g.add_argument("--method", help="method to train (see `batchmates methods`), e.g. ce")
+    g.add_argument("--data", help="dataset: digits, fashion-mnist, cifar10, cifar100, stl10, flowers102, "
+                                  "imagefolder:PATH (see `batchmates data list`)")
+    g.add_argument("--data-dir", help="where the dataset files are (else $BATCHMATES_DATA, system paths, cache)")
+    g.add_argument("--download", action="store_const", const=True, help="download missing files where possible")
+    g.add_argument("--backbone", help="cnn, resnet-small, resnet18, vit-tiny (default: per method and dataset)")
+    g.add_argument("--attn-layer", help="attention in every residual block: none, se, ba2m")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="training epochs (>= 1)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (-1: no limit)")
+    g.add_argument("--batch-size", type=int, help="global batch size (split over --devices)")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimiser")
+    g.add_argument("--momentum", type=float, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, help="weight decay (not on biases and norms)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length before the cosine decay")
+    if single:
+        g.add_argument("--seed", type=int, help="random seed (data order, init, augmentation)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--precision", choices=["32-true", "64-true", "bf16-mixed", "16-mixed"], help="numeric precision")
+    g.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], help="device type")
+    g.add_argument("--devices", type=int, help="devices/processes (DDP when > 1 with --strategy ddp)")
+    g.add_argument("--strategy", choices=["auto", "ddp", "ddp_spawn"], help="Lightning strategy")
+    g.add_argument("--num-workers", type=int, help="DataLoader workers for file-backed datasets")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--deterministic", action="store_const", const=True, help="deterministic algorithms only")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--protocol", action="append", choices=["accuracy", "knn", "linear"], dest="eval_protocols",
+                   help="evaluation protocol after training (repeatable; default all three)")
+    g.add_argument("--label-noise", type=float, help="fraction of symmetric label noise on the training split")
+    g.add_argument("--eval-mode", choices=["independent", "batch"],
+                   help="inference of batch-relational modules: independent (default) or batch")
+    g = p.add_argument_group("output")
+    if single:
+        g.add_argument("--out", help="run directory (config.yaml, metrics.json, last.ckpt, curves.png, tb/)")
+    g.add_argument("--checkpoint-every", type=int, dest="checkpoint_every_n_steps",
+                   help="also write last.ckpt every N optimiser steps (0: only at epoch ends)")
+    g.add_argument("--no-progress", action="store_const", const=False, dest="progress", help="no progress bar")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="method option (repeatable); `batchmates methods` lists each method's options"
+                   + ("" if single else "; in compare prefix the method: --opt supcon.temperature=0.1"))
+
+
+_CFG_KEYS = ("method", "data", "data_dir", "download", "backbone", "attn_layer", "epochs", "max_steps", "batch_size",
+             "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs", "seed", "out", "precision",
+             "accelerator", "devices", "strategy", "num_workers", "threads", "deterministic", "eval_protocols",
+             "label_noise", "eval_mode", "checkpoint_every_n_steps", "progress")
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _CFG_KEYS if getattr(args, k, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from batchmates import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="batchmates",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="batchmates: batch-relational representation learning (losses and layers that use the other "
+                    "samples of the mini-batch), trained and compared on Lightning.",
+        epilog=_epilog("""
+            examples:
+              batchmates data list
+              batchmates methods
+              batchmates train --method ce --data digits --out runs/ce
+              batchmates train --method ce --data fashion-mnist --backbone resnet-small --epochs 12 --out runs/fm
+              batchmates train --resume runs/fm
+              batchmates eval runs/ce --protocol knn --protocol linear
+              batchmates compare --methods all --data digits --seeds 2 --out runs/demo
+              batchmates bench losses --quick
+            """),
+    )
+    parser.add_argument("--version", action="version", version=f"batchmates {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train", help="train one method on one dataset", formatter_class=_Formatter,
+        description="Train a method and write config.yaml, metrics.json/.csv, curves.png, last.ckpt and TensorBoard "
+                    "logs to --out. Settings left unset use the method's defaults for the dataset; the resolved "
+                    "values are written to config.yaml.",
+        epilog=_epilog("""
+            examples:
+              batchmates train --method ce --data digits --epochs 5 --out runs/ce
+              batchmates train --method ce --attn-layer se --data fashion-mnist --out runs/ce-se
+              batchmates train --method ce --data digits --opt label_smoothing=0.1
+              batchmates train --config runs/ce/config.yaml --out runs/ce-again
+              batchmates train --resume runs/ce          # continue an interrupted run from runs/ce/last.ckpt
+              batchmates train --method ce --help-method # the method's options
+              batchmates train --method ce --devices 2 --strategy ddp --accelerator cpu   # 2-process DDP
+              torchrun --nproc-per-node 2 -m batchmates train --method ce --devices 2 --strategy ddp
+            """),
+    )
+    p.add_argument("--config", help="start from a config.yaml written by an earlier run (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from DIR/last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run's checkpoint")
+    p.add_argument("--help-method", action="store_true", help="describe --method and its options, then exit")
+    _add_run_args(p, single=True)
+    p.add_argument("--curate", action="append", dest="opt", type=lambda v: f"curate={v}", metavar="KIND", help="batch curation of simclr/supcon/barlow: frd-pairwise, frd-gaussian (= --opt curate=KIND)")  # noqa: E501
+
+    p = sub.add_parser(
+        "eval", help="evaluate a trained run (accuracy, kNN, linear probe, corruptions)", formatter_class=_Formatter,
+        description="Evaluate the run in DIR and merge the results into DIR/metrics.json under 'eval'.",
+        epilog=_epilog("""
+            examples:
+              batchmates eval runs/ce
+              batchmates eval runs/ce --protocol knn --protocol linear
+              batchmates eval runs/ce --corruptions --severity 3 --severity 5
+            """),
+    )
+    p.add_argument("run_dir", metavar="DIR", help="a directory written by `batchmates train`")
+    p.add_argument("--protocol", action="append", choices=["accuracy", "knn", "linear"],
+                   help="protocol (repeatable; default all three)")
+    p.add_argument("--corruptions", action="store_true", help="also evaluate on corrupted test sets (domain shift)")
+    p.add_argument("--severity", action="append", type=int, help="corruption severity 1-5 (repeatable; default all)")
+    p.add_argument("--kind", action="append", help="corruption kind (repeatable; default all)")
+    p.add_argument("--device", default="cpu", help="device for feature extraction, e.g. cpu or cuda")
+
+    p = sub.add_parser(
+        "compare", help="train methods x seeds and tabulate mean ± std", formatter_class=_Formatter,
+        description="Train every method for every seed into OUT/<method>/seed<k> (finished runs are skipped, "
+                    "interrupted ones resumed), evaluate them, and write OUT/results.md, OUT/results.json and "
+                    "OUT/accuracy.png.",
+        epilog=_epilog("""
+            examples:
+              batchmates compare --methods all --data digits --seeds 2 --out runs/demo
+              batchmates compare --methods ce,supcon --data fashion-mnist --seeds 3 --epochs 5 --out runs/fm
+              batchmates compare --methods ce,btn --data digits --label-noise 0.2 --out runs/noisy
+              batchmates compare --methods ce,ibaformer --data digits --corruptions --out runs/shift
+            """),
+    )
+    p.add_argument("--methods", default="all", help="'all' (every method supporting --data) or a list: ce,supcon")
+    p.add_argument("--seeds", default="1", help="number of seeds N (seeds 0..N-1) or a list like 0,3,7")
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument("--corruptions", action="store_true", help="also evaluate on corrupted test sets")
+    _add_run_args(p, single=False)
+
+    p = sub.add_parser("data", help="datasets: `batchmates data list`", formatter_class=_Formatter,
+                       description="Show each dataset, whether its files are present, where, and its size.",
+                       epilog="examples:\n  batchmates data list\n  batchmates data list --data-dir ~/data\n")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    pl = dsub.add_parser("list", help="list datasets and where their files are", formatter_class=_Formatter,
+                         description="List every dataset: present or not, location, size, how to get it.")
+    pl.add_argument("--data-dir", help="also look here")
+
+    p = sub.add_parser("methods", help="list registered methods and their options", formatter_class=_Formatter,
+                       description="List every registered method (supervised or not, batch-relational or not), "
+                                   "its options for --opt KEY=VALUE, and its defaults on a dataset.",
+                       epilog="examples:\n  batchmates methods\n  batchmates methods ce --data fashion-mnist\n")
+    p.add_argument("name", nargs="?", help="show one method only")
+    p.add_argument("--data", default="digits", help="show the defaults for this dataset")
+
+    p = sub.add_parser(
+        "bench", help="speed/memory benchmarks of the losses, modules and curation", formatter_class=_Formatter,
+        description="Run the benchmarks of batchmates.bench and write OUT/<group>.json and a section of "
+                    "docs/benchmarks.md (Markdown table and hardware).",
+        epilog="examples:\n  batchmates bench losses --quick\n  batchmates bench all --device cuda --out bench/\n",
+    )
+    p.add_argument("group", choices=[*BENCH_GROUPS, "all"], help="which benchmarks")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--out", default="bench", help="directory for <group>.json")
+    p.add_argument("--doc", default=os.path.join("docs", "benchmarks.md"), help="Markdown file to update")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- commands
+class CLIError(Exception):
+    """A user error: message printed without traceback; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _method_help(name: str, data: str = "digits") -> str:
+    from batchmates.methods import get_method
+
+    cls = get_method(name)
+    defaults = cls.default_settings(data)
+    lines = [cls.describe(), f"  supports {data}: {cls.supports(data)}",
+             "  defaults on " + data + ": " + ", ".join(f"{k}={v}" for k, v in defaults.items())]
+    opts = cls.describe_options()
+    lines.append("  options (--opt KEY=VALUE):" + ("\n" + opts if opts else " none"))
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from batchmates.training.config import RunConfig, parse_opt_assignments
+    from batchmates.training.run import resume, train
+
+    if args.help_method:
+        if not args.method:
+            raise CLIError("--help-method needs --method NAME (or run `batchmates methods`)")
+        print(_method_help(args.method, args.data or "digits"))
+        return 0
+    given = _explicit(args)
+    opts = parse_opt_assignments(args.opt)
+    if args.resume:
+        extra = set(given) - {"progress", "threads"}
+        if extra or opts or args.config:
+            raise CLIError(f"--resume DIR continues DIR/config.yaml unchanged; drop {sorted(extra) or ['--opt']} "
+                           "(or start a new run with --config DIR/config.yaml --out NEW)")
+        resume(args.resume, **{k: given[k] for k in ("progress", "threads") if k in given})
+        return 0
+    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    if args.config and "out" not in given:
+        raise CLIError(f"--config {args.config}: also pass --out NEW_DIR (so the earlier run is not overwritten)")
+    if not args.config and "out" not in given:
+        given["out"] = os.path.join("runs", f"{given.get('method', cfg.method)}-{given.get('data', cfg.data)}")
+    cfg = cfg.replace(**given)
+    if opts:
+        cfg = cfg.replace(options={**cfg.options, **opts})
+    train(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.pretty import Pretty
+
+    from batchmates.training.config import PROTOCOLS
+    from batchmates.training.evaluate import evaluate
+
+    res = evaluate(args.run_dir, args.protocol or list(PROTOCOLS), corruptions=args.corruptions,
+                   severities=args.severity, kinds=args.kind, device=args.device)
+    Console().print(Pretty(res))
+    print(f"results merged into {os.path.join(args.run_dir, 'metrics.json')} under 'eval'")
+    return 0
+
+
+def _parse_seeds(text: str) -> int | list[int]:
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        n = int(text)
+    except ValueError:
+        raise CLIError(f"--seeds {text!r}: give a count (2) or a list of seeds (0,3,7)") from None
+    if n < 1:
+        raise CLIError(f"--seeds must be >= 1 (got {n})")
+    return n
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from batchmates.training.compare import compare
+    from batchmates.training.config import RunConfig, parse_opt_assignments
+
+    given = _explicit(args)
+    data = given.pop("data", "digits")
+    label_noise = given.pop("label_noise", 0.0)
+    protocols = given.pop("eval_protocols", None) or ["accuracy", "knn", "linear"]
+    per_method: dict[str, dict[str, str]] = {}
+    for key, value in parse_opt_assignments(args.opt).items():
+        if "." not in key:
+            raise CLIError(f"--opt {key}={value}: in compare, prefix the method, e.g. --opt supcon.{key}={value}")
+        m, k = key.split(".", 1)
+        per_method.setdefault(m, {})[k] = value
+    res = compare(args.methods, data, _parse_seeds(args.seeds), args.out, RunConfig(**given), protocols=protocols,
+                  label_noise=label_noise, corruptions=args.corruptions, method_options=per_method)
+    return 1 if res["failed"] else 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command != "list":
+        raise CLIError("usage: batchmates data list [--data-dir DIR]")
+    from rich.console import Console
+    from rich.table import Table
+
+    from batchmates.data import describe_datasets
+
+    t = Table(title="datasets")
+    for c in ("name", "present", "location", "size"):
+        t.add_column(c)
+    missing = []
+    for row in describe_datasets(args.data_dir):
+        present = bool(row.get("present"))
+        t.add_row(str(row["name"]), "yes" if present else "[red]no[/]", str(row.get("location", "")),
+                  str(row.get("size", "")))
+        if not present and row.get("how"):
+            missing.append((row["name"], row["how"]))
+    con = Console()
+    con.print(t)
+    for name, how in missing:
+        how_text = how if isinstance(how, str) else "; ".join(map(str, how))
+        con.print(f"[bold]{name}[/]: {how_text}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from batchmates.methods import available_methods
+
+    names = [args.name] if args.name else available_methods()
+    print("\n\n".join(_method_help(n, args.data) for n in names))
+    return 0
+
+
+def _update_benchmarks_doc(doc: str, group: str, body: str) -> None:
+    from batchmates.training.io import atomic_write_text
+
+    start, end = f"<!-- bench:{group} -->", f"<!-- /bench:{group} -->"
+    section = f"{start}\n## {group}\n\n{body.rstrip()}\n{end}"
+    try:
+        with open(doc, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = "# Benchmarks\n\nWritten by `batchmates bench`; each section is replaced when its group is rerun.\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    atomic_write_text(doc, text)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from batchmates.bench.common import hardware_description, rows_to_markdown
+    from batchmates.training.io import atomic_write_json
+
+    groups = list(BENCH_GROUPS) if args.group == "all" else [args.group]
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    hardware = hardware_description(args.device)
+    status = 0
+    for group in groups:
+        rows, notes = [], []
+        for mod_name in BENCH_GROUPS[group]:
+            full = f"batchmates.bench.{mod_name}"
+            try:
+                mod = importlib.import_module(full)
+            except ModuleNotFoundError as e:
+                if e.name not in (full, "batchmates.bench"):
+                    raise
+                notes.append(f"{mod_name}: not available (module {full} does not exist yet)")
+                print(f"[bench] {group}/{mod_name}: not available", flush=True)
+                continue
+            print(f"[bench] {group}/{mod_name}: running on {args.device}{' (quick)' if args.quick else ''}",
+                  flush=True)
+            try:
+                got = mod.run(args.device, args.quick)
+            except Exception as e:  # noqa: BLE001 - report, keep the other benchmarks
+                status = 1
+                notes.append(f"{mod_name}: failed: {type(e).__name__}: {e}")
+                print(f"[bench] {group}/{mod_name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                continue
+            rows.extend(got)
+        atomic_write_json(os.path.join(args.out, f"{group}.json"),
+                          {"group": group, "device": args.device, "quick": args.quick, "hardware": hardware,
+                           "rows": [r.to_dict() for r in rows], "notes": notes})
+        body = rows_to_markdown(rows, hardware) if rows else f"Hardware: {hardware}\n\n(no rows)\n"
+        if args.quick:
+            body = "Quick run (small sizes).\n\n" + body
+        if notes:
+            body += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+        _update_benchmarks_doc(args.doc, group, body)
+        print(body)
+    return status
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "data": cmd_data,
+            "methods": cmd_methods, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``batchmates`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from batchmates.methods.registry import UnknownMethodError
+    from batchmates.training.config import ConfigError
+    from batchmates.training.run import RunError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("batchmates: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ConfigError, UnknownMethodError, RunError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("BATCHMATES_DEBUG"):
+            raise
+        code = e.code if isinstance(e, CLIError) else (1 if isinstance(e, RunError | FileNotFoundError) else 2)
+        msg = str(e).strip() or type(e).__name__
+        if isinstance(e, FileNotFoundError) and e.args and not isinstance(e.args[0], str):
+            msg = f"{e.strerror}: {e.filename}"
+        print(f"batchmates {args.command}: error: {msg}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
