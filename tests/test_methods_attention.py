@@ -41,7 +41,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for m in METHODS:
         d = base / m
-        extra = ["--epochs", "2"] if m == "ibaformer" else []  # vit-tiny learns slowly on digits (see report)
+        # the transformer-based ones (AdamW, small lr) need a second epoch to be clearly above chance
+        extra = ["--epochs", "2"] if m in ("btn", "ibaformer") else []
         assert main(["train", "--method", m, *FAST, *extra, "--out", str(d)]) == 0, m
         out[m] = d
     return out
@@ -87,7 +88,7 @@ def _batch_sensitive(model, splits) -> bool:
 def test_one_epoch_on_digits_beats_chance(runs, method: str) -> None:
     m = json.loads((runs[method] / "metrics.json").read_text())
     assert m["finished"] and m["method"] == method and m["accuracy_source"] == "classifier"
-    epochs = 2 if method == "ibaformer" else 1
+    epochs = 2 if method in ("btn", "ibaformer") else 1
     assert m["epochs_done"] == epochs and m["steps"] == epochs * (1347 // 64)
     # 10 balanced classes: chance is 0.1 (a constant prediction scores ~0.1; 0.14 is ~3 sd above a random guess
     # on 450 test images). The small ViT is far slower to train on digits than the CNN.

@@ -411,6 +411,11 @@ def _supcon_worker(rank: int, world: int) -> dict:
     # explicit opt-out: local-batch loss
     model, _, loss = _run_case(x[rows], labels[rows], None, {"use_labels": True, "gather": False})
     out["local"] = loss.detach()
+    # a rank left with no sample (e.g. curation dropped all its pairs) still joins the global loss exactly
+    rows_e = slice(0, x.shape[0]) if rank == 0 else slice(0, 0)
+    model, xs, loss = _run_case(x[rows_e], labels[rows_e], None, {"use_labels": True})
+    ddp_average_grads(model)
+    out["empty_rank"] = (loss.detach(), [p.grad for p in model.parameters()])
     # per-anchor values of this rank's anchors
     feats = _ddp_model()(x[rows]).view(-1, 2, 8)
     out["none"] = supcon_loss(feats, labels[rows], temperature=0.2, base_temperature=0.1, reduction="none").detach()
@@ -437,6 +442,13 @@ def test_distributed_equivalence():
             # every rank returns the global loss, so the raw input gradient is W x the global one (DDP then averages)
             rows = slice(0, SPLIT) if r == 0 else slice(SPLIT, x.shape[0])
             torch.testing.assert_close(r_xgrad / 2, xs.grad[rows], rtol=1e-5, atol=1e-8, msg=f"{name} input grad")
+    model, _, loss = _run_case(x, labels, None, {"use_labels": True})
+    for res in results:
+        e_loss, e_grads = res["empty_rank"]
+        torch.testing.assert_close(e_loss, loss.detach(), rtol=1e-5, atol=1e-8)
+        for a, b in zip(e_grads, [p.grad for p in model.parameters()]):
+            # DDP averages over 2 ranks; the rank without samples contributes the gradient through the gather
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     _, _, local0 = _run_case(x[:SPLIT], labels[:SPLIT], None, {"use_labels": True})
     torch.testing.assert_close(results[0]["local"], local0.detach())
     feats = _ddp_model()(x).view(-1, 2, 8)

@@ -173,7 +173,10 @@ def _validate(
         )
     if not features.is_floating_point():
         raise TypeError(f"features must be a floating-point tensor, got dtype {features.dtype}")
-    if min(features.shape) < 1:
+    # Under torch.distributed a rank may hold no sample (e.g. curation dropped all of its pairs): the global batch
+    # is what must be non-empty, which supcon_loss checks after the gather.
+    min_rows = 0 if bdist.is_distributed() else 1
+    if features.shape[0] < min_rows or min(features.shape[1:]) < 1:
         raise ValueError(f"features must be non-empty in every dimension, got shape {tuple(features.shape)}")
     if not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or inf; check the model output (e.g. the learning rate or AMP scaler)")
@@ -291,9 +294,9 @@ def supcon_loss(
             )
 
         # Anchors (this rank's views) and the global contrast set, both view-major: contrast row v*N_global + n.
-        contrast = feats_all.transpose(0, 1).reshape(n_views * n_global, -1)
+        contrast = feats_all.transpose(0, 1).reshape(n_views * n_global, feats.shape[-1])
         if contrast_mode == "all":
-            anchors = contrast if not distributed else feats.transpose(0, 1).reshape(n_views * n_local, -1)
+            anchors = contrast if not distributed else feats.transpose(0, 1).reshape(n_views * n_local, feats.shape[-1])
             n_anchor_views = n_views
         else:
             anchors = feats[:, 0]
@@ -334,7 +337,7 @@ def supcon_loss(
             n_pos = torch.full((n_local,), float(n_views - 1), dtype=compute_dtype, device=device)
             w_self = None
 
-        anchors_v = anchors.reshape(n_anchor_views, n_local, -1)
+        anchors_v = anchors.reshape(n_anchor_views, n_local, feats.shape[-1])
         pos_vec = sample_pos - (anchors_v if w_self is None else w_self * anchors_v)
         pos_dot = (anchors_v * pos_vec).sum(dim=-1)  # [Va, N_local] = τ · Σ_p w_ip s_ip
 

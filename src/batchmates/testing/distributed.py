@@ -38,12 +38,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_worker, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True)
-        results = []
+        results, errors = [], []
         for r in range(world_size):
             payload = torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
             if not payload["ok"]:
-                raise RuntimeError(f"rank {r} failed:\n{payload['error']}")
-            results.append(payload["result"])
+                errors.append(f"rank {r} failed:\n{payload['error']}")
+            results.append(payload.get("result"))
+        if errors:
+            # A rank that crashed first makes its peers fail with "connection closed": show every rank's error.
+            raise RuntimeError("\n".join(errors))
         return results
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from batchmates.training.config import ConfigError, RunConfig
-from batchmates.training.io import atomic_save_torch, atomic_write_json, atomic_write_text, read_json
+from batchmates.training.io import atomic_write_json, atomic_write_text, read_json
 
 __all__ = ["train", "resume", "RunError", "apply_label_noise", "hardware_string", "load_run"]
 
@@ -208,15 +208,7 @@ def write_metrics_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _atomic_checkpoint_io():
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Checkpoints go to a temp file in the same directory, fsync, then os.replace: never a torn last.ckpt."""
-
-        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            if storage_options is not None:
-                raise TypeError("AtomicCheckpointIO does not take storage_options")
-            atomic_save_torch(checkpoint, path)
+    from batchmates.training.checkpoint_io import AtomicCheckpointIO
 
     return AtomicCheckpointIO()
 
