@@ -101,9 +101,10 @@ def test_bench_reports_missing_module_and_updates_doc(monkeypatch, tmp_path, cap
     code = cli.main(["bench", "losses", "--quick", "--out", str(tmp_path / "bench"), "--doc", str(doc)])
     assert code == 0
     assert "not available" in capsys.readouterr().out
-    data = json.loads((tmp_path / "bench" / "losses.json").read_text())
+    data = json.loads((tmp_path / "bench" / "losses-cpu-quick.json").read_text())
     assert data["rows"] == [] and "not available" in data["notes"][0]
     text = doc.read_text()
-    assert "intro kept" in text and text.count("<!-- bench:losses -->") == 1
+    assert "intro kept" in text and text.count("<!-- bench:losses (cpu, quick) -->") == 1
     cli.main(["bench", "losses", "--quick", "--out", str(tmp_path / "bench"), "--doc", str(doc)])
-    assert doc.read_text().count("<!-- bench:losses -->") == 1  # the section is replaced, not appended again
+    # the section is replaced, not appended again
+    assert doc.read_text().count("<!-- bench:losses (cpu, quick) -->") == 1

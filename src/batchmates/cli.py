@@ -385,7 +385,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"[bench] {group}/{mod_name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 continue
             rows.extend(got)
-        atomic_write_json(os.path.join(args.out, f"{group}.json"),
+        kind = "cuda" if args.device.startswith("cuda") else args.device
+        atomic_write_json(os.path.join(args.out, f"{group}-{kind}{'-quick' if args.quick else ''}.json"),
                           {"group": group, "device": args.device, "quick": args.quick, "hardware": hardware,
                            "rows": [r.to_dict() for r in rows], "notes": notes})
         body = rows_to_markdown(rows, hardware) if rows else f"Hardware: {hardware}\n\n(no rows)\n"
@@ -393,7 +394,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             body = "Quick run (small sizes).\n\n" + body
         if notes:
             body += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-        _update_benchmarks_doc(args.doc, group, body)
+        _update_benchmarks_doc(args.doc, f"{group} ({kind}{', quick' if args.quick else ''})", body)
         print(body)
     return status
 

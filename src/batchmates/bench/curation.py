@@ -82,7 +82,60 @@ def _scipy_gaussian(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(mu + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def simclr_step_share(device: str, quick: bool) -> list[BenchRow]:
+    """Share of a SimCLR training step that curation adds: batch 256 (quick: 16) of 28 px images, resnet-small,
+    two views, NT-Xent, SGD step; curated = the same step after scoring every pair with pairwise FRD on the online
+    encoder (a no-grad forward of both views + the Fréchet DP over the 128-d features) and dropping the worst 25%.
+    """
+    from batchmates.curation import Curator, FRDScorer
+    from batchmates.losses import NTXentLoss
+    from batchmates.models import create_backbone
+
+    dev = torch.device(device)
+    b = 16 if quick else 256
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(b, 1, 28, 28, generator=gen).to(dev)
+    x2 = torch.randn(b, 1, 28, 28, generator=gen).to(dev)
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet-small", in_channels=1, image_size=28).to(dev)
+    proj = torch.nn.Sequential(torch.nn.Linear(backbone.feature_dim, backbone.feature_dim), torch.nn.ReLU(),
+                               torch.nn.Linear(backbone.feature_dim, 128)).to(dev)
+    opt = torch.optim.SGD([*backbone.parameters(), *proj.parameters()], lr=0.01, momentum=0.9)
+    loss_fn = NTXentLoss(temperature=0.1)
+    curator = Curator(FRDScorer.from_online_encoder(backbone), "drop", quantile=0.75)
+
+    def step(curate: bool) -> None:
+        keep = None
+        if curate:
+            keep = curator.select(x1, x2).keep
+        z = proj(backbone(torch.cat([x1, x2])))
+        z1, z2 = z[:b], z[b:]
+        if keep is not None:
+            z1, z2 = z1[keep], z2[keep]
+        loss = loss_fn(z1, z2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    iters = 3 if quick else 10
+    t_plain, m_plain = measure(lambda: step(False), dev, warmup=2, iters=iters)
+    t_cur, m_cur = measure(lambda: step(True), dev, warmup=2, iters=iters)
+    case = f"SimCLR step B={b} resnet-small 28px"
+    share = (t_cur - t_plain) / t_plain
+    return [
+        BenchRow("curation-step", case, "batchmates simclr step", t_plain, m_plain, str(dev)),
+        BenchRow("curation-step", case, "simclr step + frd-pairwise drop", t_cur, m_cur, str(dev),
+                 {"added_share": share, "target_max_share": 0.20}),
+    ]
+
+
 def run(device: str, quick: bool) -> list[BenchRow]:
+    rows = _run_frd(device, quick)
+    rows.extend(simclr_step_share(device, quick))
+    return rows
+
+
+def _run_frd(device: str, quick: bool) -> list[BenchRow]:
     dev = torch.device(device)
     pairs, d = (8, 64) if quick else (256, 1000)
     py_pairs = 2
