@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from batchmates.bench.common import BenchRow, measure
+from batchmates.bench.common import BenchRow, try_measure
 from batchmates.losses.barlow_twins import barlow_twins_loss
 
 LAMBDA = 0.0051
@@ -23,16 +23,6 @@ def _step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torc
         loss_fn(a, b).backward()
 
     return step
-
-
-def _try_measure(fn: Callable[[], None], device: str) -> tuple[float, float | None, dict | None]:
-    try:
-        t, mem = measure(fn, device, warmup=1, iters=3)
-        return t, mem, None
-    except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM on small machines is a result, not a crash
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return float("nan"), None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
 def run(device: str, quick: bool) -> list[BenchRow]:
@@ -61,6 +51,6 @@ def run(device: str, quick: bool) -> list[BenchRow]:
             if fn is None:
                 rows.append(BenchRow("barlow_twins", case, name, float("nan"), None, device, {"skipped": note}))
                 continue
-            t, mem, err = _try_measure(_step(fn, a, b), device)
+            t, mem, err = try_measure(_step(fn, a, b), device)
             rows.append(BenchRow("barlow_twins", case, name, t, mem, device, err))
     return rows

@@ -77,6 +77,21 @@ def measure(
     return statistics.median(times), peak
 
 
+def try_measure(fn: Callable[[], Any], device: str) -> tuple[float, float | None, dict | None]:
+    """:func:`measure` (1 warm-up, 3 timed calls) that turns an out-of-memory error into a result row.
+
+    Returns ``(time_ms, peak_mb, None)``, or ``(nan, None, {"error": ...})`` when the case does not fit: on a
+    small machine an OOM is a finding to report, not a crash.
+    """
+    try:
+        t, mem = measure(fn, device, warmup=1, iters=3)
+        return t, mem, None
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        return float("nan"), None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"

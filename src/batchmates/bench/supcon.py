@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from batchmates.bench.common import BenchRow, measure
+from batchmates.bench.common import BenchRow, try_measure
 from batchmates.losses.supcon import supcon_loss
 
 TEMPERATURE = 0.1
@@ -77,16 +77,6 @@ def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     return step
 
 
-def _try_measure(fn: Callable[[], None], device: str) -> tuple[float, float | None, dict | None]:
-    try:
-        t, mem = measure(fn, device, warmup=1, iters=3)
-        return t, mem, None
-    except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM on small machines is a result, not a crash
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        return float("nan"), None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-
-
 def run(device: str, quick: bool) -> list[BenchRow]:
     """Benchmark rows for SupCon. ``quick``: tiny sizes that run in seconds on CPU (smoke test)."""
     rows: list[BenchRow] = []
@@ -139,13 +129,13 @@ def run(device: str, quick: bool) -> list[BenchRow]:
                     rows.append(BenchRow("supcon", case, name, float("nan"), None, device, {"skipped": pml_note}))
                     continue
                 fn = pml_loss
-            t, mem, err = _try_measure(_fwd_bwd(lambda z, fn=fn, y=labels: fn(z, y), x), device)
+            t, mem, err = try_measure(_fwd_bwd(lambda z, fn=fn, y=labels: fn(z, y), x), device)
             rows.append(BenchRow("supcon", case, name, t, mem, device, err))
 
     x = torch.randn(big, 2, dim, generator=gen).to(device).requires_grad_(True)
     labels = torch.randint(0, n_classes, (big,), generator=gen).to(device)
     case = f"N={big}x2 views, D={dim} (memory)"
     for name, fn in [("ours-dense", ours(None)), (f"ours-chunked({chunk})", ours(chunk))]:
-        t, mem, err = _try_measure(_fwd_bwd(lambda z, fn=fn, y=labels: fn(z, y), x), device)
+        t, mem, err = try_measure(_fwd_bwd(lambda z, fn=fn, y=labels: fn(z, y), x), device)
         rows.append(BenchRow("supcon", case, name, t, mem, device, err))
     return rows
