@@ -474,3 +474,14 @@ def test_scorer_and_curator_on_cuda():
     torch.testing.assert_close(
         gauss.score_batch(x1, x2).cpu(), gaussian_frechet_distance(ext(x1.flatten(1)).cpu(), ext(x2.flatten(1)).cpu())
     )
+
+
+def test_bench_step_share_quick_runs():
+    """`batchmates bench curation` measures the SimCLR step with and without FRD curation (smoke size)."""
+    from batchmates.bench.curation import simclr_step_share
+
+    rows = simclr_step_share("cpu", quick=True)
+    assert [r.impl for r in rows] == ["batchmates simclr step", "simclr step + frd-pairwise drop"]
+    assert all(math.isfinite(r.time_ms) and r.time_ms > 0 for r in rows)
+    share = rows[1].extra["added_share"]
+    assert share == pytest.approx((rows[1].time_ms - rows[0].time_ms) / rows[0].time_ms)

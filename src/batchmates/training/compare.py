@@ -149,7 +149,7 @@ def compare(
                 metrics = train(cfg, verbose=verbose, overwrite=True)
                 action = "trained"
             if corruptions and "corruptions" not in metrics.get("eval", {}):
-                evaluate(run_dir, [], corruptions=True)
+                evaluate(run_dir, ["accuracy"], corruptions=True)
                 metrics = read_json(os.path.join(run_dir, METRICS_FILE), metrics)
         except Exception as e:  # noqa: BLE001 - one broken method must not lose the others' results
             status, metrics, action = "failed", {}, f"failed: {type(e).__name__}: {e}"
