@@ -173,13 +173,11 @@ def pick(m: dict, key: str) -> float | None:
         return (ev.get("linear") or {}).get("top1")
     if key == "corrupted":
         return (ev.get("corruptions") or {}).get("mean")
-    if key == "frac_dropped":
-        for k, v in (m.get("final") or m).items():
-            if "drop" in k and isinstance(v, int | float):
-                return v
-        return None
+    if key == "frac_dropped":  # logged per epoch by curated methods; the last epoch's value
+        curve = m.get("curve") or []
+        return curve[-1].get("frac_dropped") if curve else None
     if key == "wall_s":
-        return m.get("wall_time_s") or m.get("wall_time")
+        return m.get("wall_time_s")
     return None
 
 
