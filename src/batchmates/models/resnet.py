@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchmates.models.layers import Backbone, create_attn_layer
+from batchmates.models.layers import ConvBackbone, create_attn_layer
 
 __all__ = ["BasicBlock", "ResNet", "resnet18", "resnet_small", "auto_strides"]
 
@@ -71,7 +71,7 @@ def auto_strides(image_size: int, n_stages: int, first_stride: int = 1) -> list[
     return strides
 
 
-class ResNet(Backbone):
+class ResNet(ConvBackbone):
     """A CIFAR-style ResNet of :class:`BasicBlock` s; ``feature_dim = widths[-1]``.
 
     Args:
@@ -138,23 +138,8 @@ class ResNet(Backbone):
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
-        # channels_last: oneDNN's fast convolution path (about 9x faster training on CPU, measured on
-        # resnet-small at 28 px); inputs are converted in forward_stages. Library choice.
+        # channels-last parameters: see ConvBackbone.
         self.to(memory_format=torch.channels_last)
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps ``[N, widths[s], H_s, W_s]`` after every stage."""
-        self._check_input(x, self.in_channels)
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
-
-    def pool(self, last: torch.Tensor) -> torch.Tensor:
-        return last.mean(dim=(2, 3))
 
 
 def resnet18(in_channels: int, image_size: int, **kw: Any) -> ResNet:
