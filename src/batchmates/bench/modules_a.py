@@ -7,7 +7,7 @@ into the rest of a network), median of several, via :func:`batchmates.bench.comm
   before the sum, identity shortcut) with ``none`` vs ``se`` (SqueezeExcite) vs ``ba2m`` vs ``ba2m`` with its
   finite-input check forced on (a host sync per call on GPU; off there by default). Target (issue 4): BA²M
   step-time overhead within 2x of SE's.
-* ``vit-block``: a pre-norm ViT block (LayerNorm -> mixer -> residual, LayerNorm -> MLP -> residual) with
+* ``vit-block``: the library's pre-norm ``models.vit.ViTBlock`` (LN -> mixer -> residual, LN -> MLP -> residual) with
   self-attention vs MIBA vs EIBA at B = 64 and 256 (64 tokens, width 192, 3 heads). Target: MIBA within 1.3x
   of self-attention.
 * ``eiba-memory``: EIBA block training-step peak memory for two chunk sizes, with and without per-chunk
@@ -27,9 +27,9 @@ from torch import nn
 
 from batchmates.bench.common import BenchRow, hardware_description, measure
 from batchmates.models.layers import create_attn_layer
-from batchmates.models.vit import create_token_mixer
+from batchmates.models.vit import ViTBlock
 
-__all__ = ["run", "BasicBlock", "ViTBlock"]
+__all__ = ["run", "BasicBlock"]
 
 
 class BasicBlock(nn.Module):
@@ -46,22 +46,6 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.attn(self.bn2(self.conv2(out))) + x)
-
-
-class ViTBlock(nn.Module):
-    """Pre-norm transformer block with a registered token mixer (``"self"``, ``"miba"``, ``"eiba"``)."""
-
-    def __init__(self, dim: int, num_heads: int, mixer: str = "self", mlp_ratio: float = 4.0, **kw: Any) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.mixer = create_token_mixer(mixer, dim, num_heads, **kw)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
 
 
 def _n_params(m: nn.Module) -> int:

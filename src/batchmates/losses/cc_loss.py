@@ -46,15 +46,19 @@ def _global_max_label(labels: Tensor, gather: bool) -> int:
     return int(m)
 
 
-def _validate(attention: Tensor, labels: Tensor, form: str, margin: float, eps: float, check_values: bool) -> None:
-    if not isinstance(attention, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError("attention and labels must be torch.Tensors ([N, C] floats and [N] integer class ids)")
+def _check_options(form: str, margin: float, eps: float) -> None:
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
     if not (isinstance(margin, int | float) and margin >= 0):
         raise ValueError(f"margin must be a non-negative number, got {margin!r}")
     if not (isinstance(eps, int | float) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def _validate(attention: Tensor, labels: Tensor, form: str, margin: float, eps: float, check_values: bool) -> None:
+    if not isinstance(attention, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("attention and labels must be torch.Tensors ([N, C] floats and [N] integer class ids)")
+    _check_options(form, margin, eps)
     if not attention.is_floating_point():
         raise TypeError(f"attention must be a floating-point tensor, got dtype {attention.dtype}")
     if attention.dim() != 2:
@@ -177,12 +181,7 @@ class CCLoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
-        if not (isinstance(margin, int | float) and margin >= 0):
-            raise ValueError(f"margin must be a non-negative number, got {margin!r}")
-        if not (isinstance(eps, int | float) and eps > 0):
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        _check_options(form, margin, eps)
         self.form = form
         self.margin = float(margin)
         self.eps = float(eps)

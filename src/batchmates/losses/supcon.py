@@ -155,6 +155,13 @@ def _check_positive_float(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_modes(contrast_mode: str, reduction: str) -> None:
+    if contrast_mode not in ("all", "one"):
+        raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
 def _validate(
     features: Tensor,
     labels: Tensor | None,
@@ -180,10 +187,7 @@ def _validate(
         raise ValueError(f"features must be non-empty in every dimension, got shape {tuple(features.shape)}")
     if not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or inf; check the model output (e.g. the learning rate or AMP scaler)")
-    if contrast_mode not in ("all", "one"):
-        raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_modes(contrast_mode, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
     if chunk_threshold is not None and (
@@ -400,10 +404,7 @@ class SupConLoss(nn.Module):
         super().__init__()
         self.temperature = _check_positive_float("temperature", temperature)
         self.base_temperature = _check_positive_float("base_temperature", base_temperature)
-        if contrast_mode not in ("all", "one"):
-            raise ValueError(f"contrast_mode must be 'all' or 'one', got {contrast_mode!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _check_modes(contrast_mode, reduction)
         self.contrast_mode = contrast_mode
         self.normalize = normalize
         self.reduction = reduction
@@ -454,8 +455,7 @@ class NTXentLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = _check_positive_float("temperature", temperature)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _check_modes("all", reduction)
         self.normalize = normalize
         self.reduction = reduction
         self.chunk_size = chunk_size
