@@ -44,11 +44,14 @@ def _bn_ref(t: torch.Tensor, bn: torch.nn.Module, batch_stats: bool) -> torch.Te
 
 
 def _reference_scores(m: BA2M, x: torch.Tensor, batch_stats: bool) -> torch.Tensor:
-    """A_i = mean(max(A_C, A_LS, A_GS)) written out with explicit ops (no SDPA, no nn.BatchNorm)."""
+    """A_i = mean([sigmoid](max(A_C, A_LS, A_GS))) written out with explicit ops (no SDPA, no nn.BatchNorm).
+
+    Channel branch in the paper's order, BN last: BN(FC_1(ReLU(FC_0(GAP(x))))).
+    """
     n, c, h, w = x.shape
     pooled = x.mean(dim=(2, 3))
-    hid = _bn_ref(pooled @ m.channel_fc1.weight.T + m.channel_fc1.bias, m.channel_bn, batch_stats)
-    a_c = (torch.relu(hid) @ m.channel_fc2.weight.T + m.channel_fc2.bias).view(n, c, 1, 1)
+    hid = torch.relu(pooled @ m.channel_fc1.weight.T + m.channel_fc1.bias)
+    a_c = _bn_ref(hid @ m.channel_fc2.weight.T + m.channel_fc2.bias, m.channel_bn, batch_stats).view(n, c, 1, 1)
     d = m.local_dilated.dilation[0]
     hd = m.hidden
     w_loc, w_theta, w_phi, w_g = m.reduce.weight[:, :, 0, 0].split(hd)
@@ -63,12 +66,15 @@ def _reference_scores(m: BA2M, x: torch.Tensor, batch_stats: bool) -> torch.Tens
     y = torch.einsum("npq,nkq->nkp", att, g.flatten(2)).view(n, -1, h, w)
     a_gs = F.conv2d(y, m.nl_out.weight, m.nl_out.bias)
     big = torch.maximum(torch.maximum(a_c.expand(n, c, h, w), a_ls.expand(n, c, h, w)), a_gs.expand(n, c, h, w))
+    if m.score == "bounded":
+        big = torch.sigmoid(big)
     return big.mean(dim=(1, 2, 3))
 
 
+@pytest.mark.parametrize("score", ["bounded", "literal"])
 @pytest.mark.parametrize("weight_mode", ["scaled", "raw", "residual"])
-def test_matches_reference_in_training(weight_mode: str) -> None:
-    m = _make(weight_mode=weight_mode).train()
+def test_matches_reference_in_training(weight_mode: str, score: str) -> None:
+    m = _make(weight_mode=weight_mode, score=score).train()
     x = _x()
     out = m(x)
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -195,6 +201,8 @@ def test_invalid_inputs_raise_clear_errors() -> None:
         BA2M(8, eval_mode="test")
     with pytest.raises(ValueError, match=r"weight_mode"):
         BA2M(8, weight_mode="softmax")
+    with pytest.raises(ValueError, match=r"score must be 'bounded'"):
+        BA2M(8, score="sigmoid")
     with pytest.raises(ValueError, match=r"reduction"):
         BA2M(8, reduction=0)
 
@@ -266,3 +274,84 @@ def test_cuda_matches_cpu_and_bf16_is_finite() -> None:
     assert w.dtype == torch.float32 and torch.isfinite(out).all() and torch.isfinite(w).all()
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in m32.parameters() if p.grad is not None)
+
+
+# --- independent eval = the expected training factor; stable default; timm keywords ------------------------
+
+
+@pytest.mark.parametrize("weight_mode", ["scaled", "raw", "residual"])
+def test_independent_eval_multiplies_by_the_expected_training_factor(weight_mode: str) -> None:
+    m = _make(weight_mode=weight_mode)
+    x = _x(n=4)
+    # never trained: the batch-size-1 factor
+    assert int(m.n_train) == 0
+    torch.testing.assert_close(m.eval()(x), x * {"scaled": 1.0, "raw": 1.0, "residual": 2.0}[weight_mode])
+    # one training forward on N = 5: the mean factor training applied is what independent eval applies
+    xt = _x(n=5, seed=4)
+    s_train = m.train().sample_scales(xt)
+    assert int(m.n_train) == 5
+    expected = {"scaled": 1.0, "raw": 1 / 5, "residual": 1 + 1 / 5}[weight_mode]
+    torch.testing.assert_close(s_train.mean(), torch.tensor(expected, dtype=s_train.dtype))
+    assert m.expected_factor() == pytest.approx(expected)
+    m.eval()
+    torch.testing.assert_close(m(x), x * expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(m.sample_scales(x), torch.full((4,), expected, dtype=DT))
+    # a checkpoint carries N_train
+    fresh = BA2M(8, reduction=2, dilation=2, weight_mode=weight_mode).to(DT)
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), m(x), atol=0, rtol=0)
+
+
+def test_bounded_scores_lie_in_0_1_and_weights_within_a_factor_e() -> None:
+    m = _make()
+    x = _x(n=16) * 30  # large activations: the literal score would be nearly one-hot
+    torch.set_grad_enabled(False)
+    a = m.train().attention_scores(x)
+    assert ((a > 0) & (a < 1)).all()
+    s = m.sample_scales(x)
+    assert float(s.max() / s.min()) <= torch.e + 1e-9
+    lit = _make(score="literal").train().sample_scales(x)
+    torch.set_grad_enabled(True)
+    assert float(lit.max() / lit.min()) > float(s.max() / s.min())
+
+
+def test_rejected_input_leaves_batchnorm_statistics_untouched() -> None:
+    m = _make().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = _x(n=4)
+    bad[2, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite"):
+        m(bad)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.isfinite(m(_x(n=4))).all()  # later clean calls work
+
+
+def test_accepts_timm_constructor_keywords() -> None:
+    m = BA2M(8, reduction=2, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    assert m(_x(n=3)).dtype == torch.float64
+
+
+def _first_step_grad_norm(backbone: str, size: int, attn: str, seed: int, **kw) -> float:
+    from batchmates.models import create_backbone
+
+    torch.manual_seed(seed)
+    net = create_backbone(backbone, in_channels=1, image_size=size, attn_layer=attn, attn_kwargs=kw).train()
+    head = torch.nn.Linear(net.feature_dim, 10)
+    g = torch.Generator().manual_seed(100 + seed)
+    x, y = torch.randn(64, 1, size, size, generator=g), torch.randint(0, 10, (64,), generator=g)
+    F.cross_entropy(head(net(x)), y).backward()
+    grads = [p.grad for p in [*net.parameters(), *head.parameters()] if p.grad is not None]
+    return float(torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads)))
+
+
+@pytest.mark.parametrize("backbone,size", [("cnn", 8), ("resnet-small", 28)])
+def test_default_first_step_gradient_norm_is_within_3x_of_no_attention(backbone: str, size: int) -> None:
+    for seed in range(2):
+        base = _first_step_grad_norm(backbone, size, "none", seed)
+        ratio = _first_step_grad_norm(backbone, size, "ba2m", seed) / base
+        assert 1 / 3 <= ratio <= 3, f"{backbone} seed {seed}: BA2M's first gradient norm is {ratio:.2f}x the baseline's"
+        # the literal (unbounded) score is what the default guards against: one-hot weights from step 1
+        literal = _first_step_grad_norm(backbone, size, "ba2m", seed, score="literal") / base
+        assert literal > 10 * ratio, f"{backbone} seed {seed}: literal score ratio {literal:.2f}"

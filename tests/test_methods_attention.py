@@ -122,8 +122,8 @@ def test_ba2m_backbone_holds_ba2m(runs) -> None:
     assert cfg.backbone == "cnn"
     # the plain CNN has no residual blocks: one BA2M at the end of every stage
     assert [isinstance(stage[-1], BA2M) for stage in model.backbone.stages] == [True] * len(model.backbone.stages)
-    assert all(m.weight_mode == "residual" for m in model.modules() if isinstance(m, BA2M))
-    _assert_batch_independent(model, splits)  # BA2M is the identity in independent eval
+    assert all(m.weight_mode == "scaled" and m.score == "bounded" for m in model.modules() if isinstance(m, BA2M))
+    _assert_batch_independent(model, splits)  # scaled BA2M multiplies by 1 in independent eval
     model.set_eval_mode("batch")
     assert _batch_sensitive(model, splits)  # ... and re-weights by the batch in "batch" eval
 

@@ -1,39 +1,56 @@
 """BA²M, the batch aware attention module (Cheng et al. 2021, arXiv:2103.15099).
 
 BA²M scores how "complex" each sample's feature map is, compares the scores across the mini-batch with a
-softmax, and rescales every sample's features by its share. It sits where SE/CBAM sit: on the residual branch
-of a residual block, before the sum (``create_attn_layer("ba2m", channels)`` in a batchmates backbone).
+softmax, and rescales every sample's features by its share.
 
 What is the paper's and what is ours
 ------------------------------------
-Paper (METHODS.md section 1):
+Paper (from a transcription of its equations; METHODS.md section 1), for ``x ∈ R^{N×C×H×W}``:
 
-* channel branch ``A_C``: global average pool -> FC(C -> C/r) -> BN -> ReLU -> FC(C/r -> C), shape C x 1 x 1;
-* local spatial branch ``A_LS``: 1x1 conv (C -> C/r) -> 3x3 conv with dilation d -> 1x1 conv (-> 1) -> BN,
-  shape 1 x H x W;
-* global spatial branch ``A_GS``: a non-local block (embedded Gaussian, Wang et al. 2018) whose f, g, h are 1x1
-  convs to C/r channels, reduced to 1 x H x W;
-* sample attention ``A_i = mean(max(A_C, A_LS, A_GS))`` (broadcast to C x H x W, element-wise max, mean over all
-  elements): one scalar per sample;
-* batch weights ``w = softmax over the batch of A`` and output ``x_i * s(w_i)``; defaults r = 16, d = 4.
+* channel branch ``A_C = BN(FC_1(FC_0(GAP(x))))``, shape C x 1 x 1, BatchNorm the **last** operation;
+* local spatial branch ``A_LS = BN(g_2^{1×1}(g_1^{3×3, dilation d}(g_0^{1×1}(x))))``, shape 1 x H x W;
+* global spatial branch ``A_GS = softmax(f(x) g(x)ᵀ) h(x)``, a non-local block;
+* sample attention ``A_i = mean(max(A_C, A_LS, A_GS))`` (broadcast, element-wise max, mean): one scalar per sample;
+* batch weights ``w_i = exp(A_i) / Σ_j exp(A_j)`` (no temperature, no factor N), multiplying sample i's features.
+
+The paper does not state where BA²M sits in a block, r and d, any sigmoid on the maps, or what happens at test
+time; everything below is ours.
 
 Library choices:
 
-* ``weight_mode``: ``"scaled"`` (default) ``s = N * w_i`` so the mean weight is 1 and N = 1 is the identity;
-  ``"raw"`` ``s = w_i`` as the equations read; ``"residual"`` ``s = 1 + w_i``.
-* The batch softmax runs in float32 whatever the autocast dtype; under ``torch.distributed`` it is over the
-  *global* batch (the per-sample scalars are gathered with a gradient-carrying all-gather, each rank keeps its
-  slice of the weights, and ``"scaled"`` uses the global N).
-* ReLU after the two reducing convolutions of the local spatial branch (as in BAM, Park et al. 2018, on which
-  this branch is modelled); without it the branch would be a single linear map.
-* The non-local branch maps its C/r-channel output to one channel with a 1x1 conv; its softmax has no
-  1/sqrt(d) scale (embedded Gaussian, as in Wang et al.).
+* ``score="bounded"`` (default): ``A_i = mean(sigmoid(max(A_C, A_LS, A_GS)))``, the fused map bounded before the
+  mean as BAM/CBAM bound theirs, so ``A_i ∈ (0, 1)`` and two samples' weights differ by at most a factor e.
+  ``score="literal"`` is the unbounded ``mean(max(...))`` of the equations: at initialisation the non-local
+  branch's per-sample means already spread by 1–5 across a batch (small maps average few positions), so the
+  batch softmax is nearly one-hot, one sample per layer is multiplied by about N from the first step and the
+  first gradient norm is 50–10,000x that of the same network without attention (measured on our CNN and
+  ResNet backbones). Use it to study the equations, not to train.
+* ``weight_mode``: ``"scaled"`` (default) ``s_i = N·w_i``, so the mean factor is 1 and N = 1 is the identity;
+  ``"raw"`` ``s_i = w_i`` as the equations read (mean factor 1/N: the next layer's input shrinks N-fold);
+  ``"residual"`` ``s_i = 1 + w_i``.
+* ``eval_mode="independent"`` (default): in ``eval()`` a sample's output never depends on its batch mates; the
+  layer multiplies by the **expected training factor** of its weight mode, so eval sees what training saw on
+  average: 1 for ``"scaled"``, ``1/N_train`` for ``"raw"``, ``1 + 1/N_train`` for ``"residual"``. ``N_train`` is the
+  global batch size of the last training forward, kept in the buffer ``n_train`` so a checkpoint carries it (our
+  trainer drops the last incomplete batch, so it is the configured batch size). A layer that never ran in
+  training (``n_train == 0``) uses its batch-size-1 factor. ``eval_mode="batch"`` keeps the batch weighting in eval.
+* Channel branch: FC_0 (C -> C/r), ReLU, FC_1 (C/r -> C), BN(C). The ReLU between the two FCs is ours (as in
+  BAM's MLP, Park et al. 2018); without it the two FCs would be one linear map.
+* Local spatial branch: ReLU after g_0 and g_1 (as in BAM, on which this branch is modelled), BN(1) last.
+* Non-local branch (embedded Gaussian, Wang et al. 2018): f, g, h are 1x1 convs to C/r channels, the softmax
+  has no 1/sqrt(d) scale, and a 1x1 conv reduces its C/r-channel output to one channel (1 x H x W).
+* Hidden width ``max(min_hidden, C // r)`` (``min_hidden=4``) so narrow layers keep a usable bottleneck;
+  defaults r = 16, d = 4.
+* The batch softmax runs in float32 whatever the autocast dtype (float64 for float64 input); under
+  ``torch.distributed`` it is over the *global* batch (the per-sample scalars are gathered with a
+  gradient-carrying all-gather, each rank keeps its slice of the weights, and ``"scaled"`` uses the global N).
 * Batch of one in training: the BatchNorm layers normalise with batch statistics as usual, except when a
   channel has a single value (N = 1 in the channel branch, or N = 1 with a 1x1 map in the local branch), where
   they use their running statistics instead of raising (and leave them untouched). See :class:`_SafeBatchNorm1d`.
-* ``eval_mode="independent"`` (default): in ``eval()`` ``s = 1``, i.e. the layer is the identity and a
-  sample's output never depends on its batch mates. ``eval_mode="batch"`` keeps the batch weighting in eval.
-* Hidden width ``max(min_hidden, C // r)`` (``min_hidden=4``) so narrow layers keep a usable bottleneck.
+* Input is validated (shape, dtype and, where ``check_finite`` is on, finiteness) *before* any BatchNorm runs,
+  so a rejected input leaves the running statistics untouched.
+* Placement (where the backbone puts the layer) is the backbone's choice: batchmates backbones put it on the
+  residual branch of each residual block, before the sum (where SE/CBAM sit), or once per stage.
 
 Under DDP the BatchNorm layers inside the branches use per-rank statistics like every other BatchNorm of the
 backbone; convert the model with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for global statistics. The
@@ -50,9 +67,10 @@ from batchmates import distributed
 from batchmates.models.layers import register_attn_layer
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
 
-__all__ = ["BA2M", "WEIGHT_MODES", "batch_softmax_weights"]
+__all__ = ["BA2M", "WEIGHT_MODES", "SCORE_MODES", "batch_softmax_weights", "expected_training_factor"]
 
 WEIGHT_MODES: tuple[str, ...] = ("scaled", "raw", "residual")
+SCORE_MODES: tuple[str, ...] = ("bounded", "literal")
 
 
 class _SafeBatchNormMixin:
@@ -110,6 +128,18 @@ def batch_softmax_weights(scores: torch.Tensor, *, gather: bool = True) -> tuple
     return torch.softmax(s, dim=0), n
 
 
+def expected_training_factor(weight_mode: str, n_train: int) -> float:
+    """The mean factor ``E[s_i]`` a sample was multiplied by in training, for a global training batch of ``n_train``.
+
+    ``"scaled"``: 1; ``"raw"``: ``1/n_train``; ``"residual"``: ``1 + 1/n_train``. ``n_train < 1`` (never trained)
+    gives the batch-size-1 factor (1, 1, 2).
+    """
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
+    inv_n = 1.0 / n_train if n_train >= 1 else 1.0
+    return {"scaled": 1.0, "raw": inv_n, "residual": 1.0 + inv_n}[weight_mode]
+
+
 @register_attn_layer("ba2m")
 class BA2M(nn.Module):
     """Batch aware attention module (Cheng et al. 2021, arXiv:2103.15099): ``[N, C, H, W] -> [N, C, H, W]``.
@@ -120,16 +150,22 @@ class BA2M(nn.Module):
 
     Args:
         channels: C, the number of input channels.
-        reduction: r, the channel reduction of the three branches (paper: 16).
-        dilation: d, the dilation of the local spatial branch's 3x3 conv (paper: 4).
-        weight_mode: ``"scaled"`` (``x * N * w``; default), ``"raw"`` (``x * w``) or ``"residual"``
-            (``x * (1 + w)``).
-        eval_mode: ``"independent"`` (default; identity in ``eval()``) or ``"batch"`` (batch weighting in eval).
+        reduction: r, the channel reduction of the three branches (ours: 16; the paper does not state it).
+        dilation: d, the dilation of the local spatial branch's 3x3 conv (ours: 4).
+        weight_mode: ``"scaled"`` (``x * N * w``; default), ``"raw"`` (``x * w``, the equations) or
+            ``"residual"`` (``x * (1 + w)``).
+        eval_mode: ``"independent"`` (default; in ``eval()`` multiply by the expected training factor of
+            ``weight_mode``) or ``"batch"`` (batch weighting in eval).
+        score: ``"bounded"`` (default; ``mean(sigmoid(max(...)))``, stable) or ``"literal"`` (the unbounded
+            ``mean(max(...))`` of the equations; its batch softmax is nearly one-hot at initialisation).
         gather: under ``torch.distributed``, weight over the global batch (default) or only the local one.
         min_hidden: lower bound of the hidden width ``max(min_hidden, C // r)``.
         check_finite: raise ``ValueError`` on NaN/Inf input. ``None`` (default): check on CPU only, where it is
             free; on accelerators it would force a host sync per call. ``True``/``False`` force it on/off.
+        device, dtype: where to create the parameters (timm passes these to attention layers).
     """
+
+    n_train: torch.Tensor
 
     def __init__(
         self,
@@ -139,9 +175,12 @@ class BA2M(nn.Module):
         weight_mode: str = "scaled",
         eval_mode: str = "independent",
         *,
+        score: str = "bounded",
         gather: bool = True,
         min_hidden: int = 4,
         check_finite: bool | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         for name, val in (("channels", channels), ("reduction", reduction), ("dilation", dilation)):
@@ -149,36 +188,45 @@ class BA2M(nn.Module):
                 raise ValueError(f"BA2M: {name} must be a positive int, got {val!r}")
         if weight_mode not in WEIGHT_MODES:
             raise ValueError(f"BA2M: weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
+        if score not in SCORE_MODES:
+            raise ValueError(
+                f"BA2M: score must be 'bounded' (mean of sigmoid(max), stable; default) or 'literal' (the paper's "
+                f"unbounded mean(max)), got {score!r}"
+            )
         self.channels = channels
         self.weight_mode = weight_mode
         self.eval_mode = check_eval_mode(eval_mode)
+        self.score = score
         self.gather = gather
         self.check_finite = check_finite
         hidden = max(min_hidden, channels // reduction)
         self.hidden = hidden
+        kw = {"device": device, "dtype": dtype}
 
-        # Channel branch A_C: GAP -> FC -> BN -> ReLU -> FC.
-        self.channel_fc1 = nn.Linear(channels, hidden)
-        self.channel_bn = _SafeBatchNorm1d(hidden)
-        self.channel_fc2 = nn.Linear(hidden, channels)
+        # Channel branch A_C: GAP -> FC_0 -> ReLU -> FC_1 -> BN (BN last, as the paper's equation).
+        self.channel_fc1 = nn.Linear(channels, hidden, **kw)
+        self.channel_fc2 = nn.Linear(hidden, channels, **kw)
+        self.channel_bn = _SafeBatchNorm1d(channels, **kw)
 
-        # The four 1x1 convs that read x (A_LS's reduction and the non-local f, g, h) as one conv with 4 C/r
+        # The four 1x1 convs that read x (A_LS's g_0 and the non-local f, g, h) as one conv with 4 C/r
         # outputs, in that order: the same maths, but x is read once.
-        self.reduce = nn.Conv2d(channels, 4 * hidden, 1)
+        self.reduce = nn.Conv2d(channels, 4 * hidden, 1, **kw)
 
-        # Local spatial branch A_LS: (1x1, in self.reduce) -> dilated 3x3 -> 1x1 (-> 1 channel) -> BN.
-        self.local_dilated = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation)
-        self.local_out = nn.Conv2d(hidden, 1, 1)
-        self.local_bn = _SafeBatchNorm2d(1)
+        # Local spatial branch A_LS: (g_0 in self.reduce) -> dilated 3x3 g_1 -> 1x1 g_2 (-> 1 channel) -> BN.
+        self.local_dilated = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation, **kw)
+        self.local_out = nn.Conv2d(hidden, 1, 1, **kw)
+        self.local_bn = _SafeBatchNorm2d(1, **kw)
 
-        # Global spatial branch A_GS: non-local block (embedded Gaussian; f, g, h in self.reduce), reduced to one
-        # channel.
-        self.nl_out = nn.Conv2d(hidden, 1, 1)
+        # Global spatial branch A_GS: non-local block (f, g, h in self.reduce), reduced to one channel.
+        self.nl_out = nn.Conv2d(hidden, 1, 1, **kw)
+
+        # Global training batch size of the last training forward (0: never trained); see expected_factor().
+        self.register_buffer("n_train", torch.zeros((), dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden={self.hidden}, weight_mode={self.weight_mode!r}, "
-            f"eval_mode={self.eval_mode!r}, gather={self.gather}"
+            f"score={self.score!r}, eval_mode={self.eval_mode!r}, gather={self.gather}"
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -195,13 +243,18 @@ class BA2M(nn.Module):
             raise ValueError("BA2M: x is an empty batch (N = 0)")
         if not x.is_floating_point():
             raise TypeError(f"BA2M: x must be a floating-point tensor, got {x.dtype}")
+        if finite_check_enabled(self.check_finite, x) and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                "BA2M: x is not finite (NaN/Inf values: the input or an earlier layer diverged; a lower learning rate "
+                "usually helps). Nothing was updated. (check_finite=False skips this check.)"
+            )
 
     def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample attention representation ``A_i = mean(max(A_C, A_LS, A_GS))``: ``[N]`` in float32+."""
+        """Per-sample attention representation ``A_i``: ``[N]`` in float32+ (see ``score``)."""
         self._check_input(x)
         n, c, h, w = x.shape
         # A_C: [N, C, 1, 1]
-        a_c = self.channel_fc2(F.relu(self.channel_bn(self.channel_fc1(x.mean(dim=(2, 3))))))
+        a_c = self.channel_bn(self.channel_fc2(F.relu(self.channel_fc1(x.mean(dim=(2, 3))))))
         a_c = a_c.view(n, c, 1, 1)
         # A_LS: [N, 1, H, W]
         red = self.reduce(x)  # [N, 4h, H, W]: local | theta | phi | g
@@ -217,7 +270,10 @@ class BA2M(nn.Module):
         # max over the three (broadcast to C x H x W), mean over all elements -> one scalar per sample.
         a = torch.maximum(a_c, torch.maximum(a_ls, a_gs))  # spatial max first: one broadcast max, not two
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return a.to(acc).mean(dim=(1, 2, 3))
+        a = a.to(acc)
+        if self.score == "bounded":
+            a = torch.sigmoid(a)
+        return a.mean(dim=(1, 2, 3))
 
     def sample_weights(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's batch-softmax weights ``w`` ``[N]`` (float32+); positive, summing to 1 over the global batch."""
@@ -227,17 +283,28 @@ class BA2M(nn.Module):
         scores = self.attention_scores(x)
         if finite_check_enabled(self.check_finite, scores) and not bool(torch.isfinite(scores).all()):
             raise ValueError(
-                "BA2M: the per-sample attention scores are not finite; the input x contains NaN/Inf values "
-                "(or the network diverged). (check_finite=False skips this check.)"
+                "BA2M: the per-sample attention scores are not finite (the network diverged inside the layer; "
+                "a lower learning rate usually helps). (check_finite=False skips this check.)"
             )
         return batch_softmax_weights(scores, gather=self.gather)
+
+    def expected_factor(self) -> float:
+        """The factor independent eval multiplies by: the mean training factor of ``weight_mode`` at ``n_train``."""
+        return expected_training_factor(self.weight_mode, int(self.n_train))
+
+    def _expected_factor_tensor(self) -> torch.Tensor:
+        # expected_factor() as tensor maths on n_train's device: no host sync in eval (n_train = 0 gives 1/1).
+        inv_n = 1.0 / self.n_train.clamp(min=1).to(torch.float64)
+        return {"scaled": torch.ones_like(inv_n), "raw": inv_n, "residual": 1.0 + inv_n}[self.weight_mode]
 
     def sample_scales(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample factor ``s_i`` that :meth:`forward` multiplies ``x_i`` by, ``[N]``."""
         if not uses_batch(self, self.eval_mode):
             self._check_input(x)
-            return x.new_ones(x.shape[0])
+            return self._expected_factor_tensor().to(x.dtype).expand(x.shape[0])
         w, n_global = self._weights(x)
+        if self.training:
+            self.n_train.fill_(n_global)
         if self.weight_mode == "scaled":
             return w * n_global
         if self.weight_mode == "raw":
@@ -247,6 +314,6 @@ class BA2M(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not uses_batch(self, self.eval_mode):
             self._check_input(x)
-            return x
+            return x if self.weight_mode == "scaled" else x * self._expected_factor_tensor().to(x.dtype)
         s = self.sample_scales(x)
         return x * s.to(x.dtype).view(-1, 1, 1, 1)
