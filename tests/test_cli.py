@@ -58,7 +58,7 @@ def test_unknown_backbone_lists_choices(capsys, tmp_path) -> None:
 
 
 def test_missing_fashion_mnist_message(monkeypatch, tmp_path, capsys) -> None:
-    from batchmates.data import datasets
+    from batchmates.data.datasets import fashion_mnist as datasets
 
     empty = tmp_path / "empty"
     empty.mkdir()

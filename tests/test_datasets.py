@@ -19,7 +19,7 @@ from batchmates.data import (
     make_loader,
     read_idx,
 )
-from batchmates.data import datasets as ds
+from batchmates.data.datasets import fashion_mnist as ds  # the module that reads FASHION_MNIST_SYSTEM_DIR
 
 torch.set_num_threads(1)
 
