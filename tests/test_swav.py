@@ -150,6 +150,89 @@ def test_sinkhorn_batch_of_one():
     assert torch.isfinite(codes).all()
 
 
+# Scores that are not unit-scaled (issue 8): float32 must match float64, every row sums to 1, no row is dropped.
+def _log_sinkhorn_ref(s: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """The official algorithm step by step (whole-matrix rewrites, total first), in float64 logs: no underflow."""
+    q = s.to(F64) / eps
+    b, k = q.shape
+    q = q - torch.logsumexp(q.reshape(-1), 0)
+    for _ in range(iters):
+        q = q - torch.logsumexp(q, 0, keepdim=True) - math.log(k)  # each prototype's total -> 1/K
+        q = q - torch.logsumexp(q, 1, keepdim=True) - math.log(b)  # each sample's total -> 1/B
+    return torch.exp(q + math.log(b))
+
+
+def _plain_float32_sinkhorn(s: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """The official algorithm in float32 on exp(scores / eps), max-shifted: what batchmates did before issue 8."""
+    q = torch.exp((s.float() - s.float().max()) / eps)
+    for _ in range(iters):
+        q = q / q.sum(0, keepdim=True).clamp_min(1e-38)
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-38)
+    return q
+
+
+def test_log_sinkhorn_reference_matches_lightly():
+    s = _rand(12, 9, seed=7, scale=0.5)
+    torch.testing.assert_close(_log_sinkhorn_ref(s), lightly_swav.sinkhorn(s.clone()), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("std", [10.0, 100.0])
+@pytest.mark.parametrize("shape", [(16, 3000), (64, 30)])
+def test_sinkhorn_float32_matches_float64_for_wide_scores(std, shape):
+    s = _rand(*shape, seed=8, scale=std)
+    plain = _plain_float32_sinkhorn(s)
+    assert (plain.sum(1) == 0).sum() >= shape[0] // 2  # the regime that used to drop most samples
+    ref = _log_sinkhorn_ref(s)
+    torch.testing.assert_close(ref.sum(1), torch.ones(shape[0], dtype=F64), rtol=0, atol=1e-12)
+    codes = sinkhorn_knopp(s.float())
+    assert codes.dtype == torch.float32
+    torch.testing.assert_close(codes.sum(1), torch.ones(shape[0]), rtol=0, atol=1e-5)
+    assert (codes.amax(1) > 1e-3).all()  # no zero (or vanishing) row
+    torch.testing.assert_close(codes.to(F64), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sinkhorn_knopp(s), ref, rtol=0, atol=1e-10)  # float64 path, same maths
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("std", [10.0, 100.0])
+def test_sinkhorn_wide_scores_under_autocast(half, std):
+    s = _rand(32, 300, seed=9, scale=std).to(half)
+    with torch.autocast("cpu", dtype=half):
+        codes = sinkhorn_knopp(s)
+    assert codes.dtype == torch.float32
+    torch.testing.assert_close(codes.sum(1), torch.ones(32), rtol=0, atol=1e-5)
+    torch.testing.assert_close(codes.to(F64), _log_sinkhorn_ref(s.to(F64)), rtol=0, atol=1e-4)
+
+
+def test_swav_loss_float32_keeps_every_sample_of_wide_scores():
+    crops = [_rand(16, 300, seed=110 + i, scale=10.0) for i in range(3)]
+    # Reference: the swapped prediction written pair by pair, on the float64 log-domain codes.
+    codes = [_log_sinkhorn_ref(c) for c in crops[:2]]
+    logp = [torch.log_softmax(c / 0.1, 1) for c in crops]
+    ref = sum(-(codes[i] * logp[v]).sum(1).mean() for i in range(2) for v in range(3) if v != i) / (2 * 2)
+    loss32 = swav_loss([c.float() for c in crops[:2]], [crops[2].float()])
+    assert loss32.dtype == torch.float32
+    assert loss32.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert swav_loss(crops[:2], crops[2:]).item() == pytest.approx(ref.item(), rel=1e-10)
+
+
+def test_sinkhorn_out_of_range_scores_raise_instead_of_dropping():
+    # Row 1 lies 6e38 below each column's max: beyond float32 even before dividing by epsilon.
+    s = torch.tensor([[3e38, 3e38, 1.0], [-3e38, -3e38, -3e38], [0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="non-finite codes for scores.*dtype=torch.float64"):
+        sinkhorn_knopp(s)
+    codes = sinkhorn_knopp(s, dtype=F64)
+    torch.testing.assert_close(codes.sum(1), torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
+    # The reference loses the small scores next to 6e39 / eps unless each column is first shifted by its max,
+    # which the first (prototype) normalisation absorbs exactly.
+    s64 = s.to(F64)
+    torch.testing.assert_close(codes, _log_sinkhorn_ref(s64 - s64.amax(0)), rtol=0, atol=1e-9)
+    low = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="codes for high\\[1\\].*sinkhorn_dtype=torch.float64"):
+        swav_loss([low, s], [low])
+    assert torch.isnan(swav_loss([low, s], [low], validate=False))  # opted out of checks: loud NaN, never smaller
+    assert torch.isfinite(swav_loss([low.double(), s.double()], [low.double()]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SwAV loss
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,12 +452,20 @@ def _swav_inputs():
     return x, past, raw
 
 
+def _wide_crops() -> list[torch.Tensor]:
+    """3 crops of float32 scores with std 10 (not unit-scaled): 2 high + 1 low."""
+    return [_rand(B, K, seed=410 + i, scale=10.0).float() for i in range(3)]
+
+
 def _swav_run(rows: slice):
     torch.manual_seed(0)
     enc = torch.nn.Linear(D_IN, D).double()
     protos = SwAVPrototypes(D, K).double()
     x, past, raw = _swav_inputs()
     out = {"codes": sinkhorn_knopp(raw[rows])}
+    wide = [c[rows] for c in _wide_crops()]
+    out["codes_wide"] = sinkhorn_knopp(wide[0])
+    out["loss_wide"] = swav_loss(wide[:2], wide[2:])
     loss_fn = SwAVLoss()
     queue = SwAVQueue(L, D, dtype=F64)
     for batch in past:
@@ -413,6 +504,20 @@ def test_distributed_sinkhorn_codes(swav_distributed):
     ranks, full = swav_distributed
     torch.testing.assert_close(torch.cat([r["codes"] for r in ranks]), full["codes"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ranks[0]["codes"], sinkhorn_knopp(_swav_inputs()[2][: B // 2], gather=False))
+
+
+def test_distributed_sinkhorn_float32_wide_scores(swav_distributed):
+    ranks, full = swav_distributed
+    wide = _wide_crops()
+    codes = torch.cat([r["codes_wide"] for r in ranks])
+    assert codes.dtype == torch.float32
+    torch.testing.assert_close(codes.sum(1), torch.ones(B), rtol=0, atol=1e-5)
+    torch.testing.assert_close(codes.to(F64), _log_sinkhorn_ref(wide[0].to(F64)), rtol=0, atol=1e-4)
+    torch.testing.assert_close(codes, full["codes_wide"], rtol=0, atol=1e-5)
+    ref = swav_loss([c.to(F64) for c in wide[:2]], [wide[2].to(F64)])
+    for r in ranks:
+        assert r["loss_wide"].item() == pytest.approx(full["loss_wide"].item(), rel=1e-5)
+        assert r["loss_wide"].item() == pytest.approx(ref.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("case", ["plain", "queue"])
