@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batchmates.losses import BarlowTwinsLoss, barlow_twins_loss
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 
@@ -191,9 +191,6 @@ def _data():
     return x, x + 0.3 * torch.randn(9, 5, generator=g, dtype=torch.float64)
 
 
-SPLIT = 5  # rank 0: 5 samples, rank 1: 4
-
-
 def _loss(xa, xb, **kw):
     model = _model()
     xa = xa.clone().requires_grad_(True)
@@ -202,15 +199,15 @@ def _loss(xa, xb, **kw):
     return model, xa, loss
 
 
-def _barlow_worker(rank: int, world: int) -> dict:
+def _barlow_shard(shard: Shard) -> dict:
     xa, xb = _data()
-    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 9)
+    rows = shard.rows
     model, xs, loss = _loss(xa[rows], xb[rows])
     ddp_average_grads(model)
-    out = {"loss": loss.detach(), "grads": [p.grad for p in model.parameters()], "xgrad": xs.grad}
+    out = {"loss": loss.detach(), "grads": [p.grad for p in model.parameters()], "xgrad": xs.grad / shard.world}
     out["local"] = _loss(xa[rows], xb[rows], gather=False)[2].detach()
     try:
-        barlow_twins_loss(torch.randn(1, 3), torch.randn(1, 3)) if rank == 0 else barlow_twins_loss(
+        barlow_twins_loss(torch.randn(1, 3), torch.randn(1, 3)) if shard.rank == 0 else barlow_twins_loss(
             torch.randn(0, 3), torch.randn(0, 3))
         out["n1"] = "no error"
     except ValueError as e:
@@ -218,20 +215,13 @@ def _barlow_worker(rank: int, world: int) -> dict:
     return out
 
 
-def test_distributed_equivalence():
-    results = run_distributed(_barlow_worker, 2)
+def test_distributed_equivalence(ddp_contract):
+    run = ddp_contract(_barlow_shard, 9, same=("loss", "grads"), concat=("xgrad",))
+    assert run.splits == (5, 4)
     xa, xb = _data()
-    model, xs, loss = _loss(xa, xb)
-    grads = [p.grad for p in model.parameters()]
-    for r, res in enumerate(results):
-        torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-8)
-        for g1, g2 in zip(res["grads"], grads):
-            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-8)
-        rows = slice(0, SPLIT) if r == 0 else slice(SPLIT, 9)
-        torch.testing.assert_close(res["xgrad"] / 2, xs.grad[rows], rtol=1e-5, atol=1e-8)
-        assert "at least 2 samples in the global batch" in res["n1"]
-    torch.testing.assert_close(results[0]["local"], _loss(xa[:SPLIT], xb[:SPLIT])[2].detach())
-    assert abs(results[0]["local"].item() - loss.item()) > 1e-3
+    assert all("at least 2 samples in the global batch" in res["n1"] for res in run.ranks)
+    torch.testing.assert_close(run.ranks[0]["local"], _loss(xa[:5], xb[:5])[2].detach())
+    assert abs(run.ranks[0]["local"].item() - run.full["loss"].item()) > 1e-3
 
 
 # ---------------------------------------------------------------- benchmark smoke

@@ -7,8 +7,7 @@ import torch
 
 from batchmates.nn.batch_transformer import BatchTransformerHead, BatchTransformerOutput, sine_position_encoding
 from batchmates.nn.multi_level_attention import MultiLevelAttention, pool_to_tokens
-from batchmates.testing import run_distributed
-from batchmates.testing.distributed import ddp_average_grads
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 D64 = torch.float64
@@ -238,35 +237,23 @@ def test_head_bf16_autocast_finite():
 # ---------------------------------------------------------------- global batch under torch.distributed
 
 
-def _head_case(stages, labels):
+def _head_shard(shard: Shard, stages, labels):
+    rows = shard.rows  # unequal split: the loss is a global mean all the same
     head = _head(lambda_main=0.5).train()
-    stages = [s.clone().requires_grad_() for s in stages]
+    stages = [s[rows].clone().requires_grad_() for s in stages]
     out = head(stages)
-    loss = head.loss(out, labels)
+    loss = head.loss(out, labels[rows])
     loss.backward()
     ddp_average_grads(head)
     grads = {n: p.grad.clone() for n, p in head.named_parameters()}
     return {"loss": loss.detach(), "bt": out.bt.detach(), "grads": grads}
 
 
-def _head_worker(rank: int, world: int, stages, labels):
-    n = labels.shape[0]
-    rows = slice(0, 2) if rank == 0 else slice(2, n)  # unequal split: the loss is a global mean all the same
-    return _head_case([s[rows] for s in stages], labels[rows])
-
-
-def test_head_distributed_equivalence_two_gloo_ranks():
+def test_head_distributed_equivalence_two_gloo_ranks(ddp_contract):
     stages = _stages(b=5, seed=8)
     labels = torch.tensor([0, 2, 1, 1, 2])
-    full = _head_case(stages, labels)
-    ranks = run_distributed(_head_worker, 2, stages, labels)
-    torch.testing.assert_close(torch.cat([r["bt"] for r in ranks]), full["bt"], rtol=1e-5, atol=1e-5)
-    for r in ranks:
-        torch.testing.assert_close(r["loss"], full["loss"], rtol=1e-5, atol=1e-5)
-        assert r["grads"].keys() == full["grads"].keys()
-        for name, g in full["grads"].items():
-            torch.testing.assert_close(r["grads"][name], g, rtol=1e-5, atol=1e-5, msg=name)
-    assert full["grads"]["k_proj.weight"].abs().sum() > 0
+    run = ddp_contract(_head_shard, 5, stages, labels, concat=("bt",), rtol=1e-5, atol=1e-5)
+    assert run.full["grads"]["k_proj.weight"].abs().sum() > 0
 
 
 # ---------------------------------------------------------------- CUDA

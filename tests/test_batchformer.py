@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from batchmates.nn.batchformer import BatchFormer
-from batchmates.testing import run_distributed
-from batchmates.testing.distributed import ddp_average_grads
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -171,40 +170,30 @@ def test_invalid_inputs_raise_clear_errors() -> None:
 # --- torch.distributed: 2 gloo ranks with half the batch each == one process with all of it -----------------
 
 
-def _ddp_worker(rank: int, world: int, states: dict, x: torch.Tensor, t: torch.Tensor) -> dict:
-    n = x.shape[0] // world
-    sl = slice(rank * n, (rank + 1) * n)
+def _batchformer_shard(shard: Shard, states: dict, x: torch.Tensor, t: torch.Tensor) -> dict:
+    rows = shard.rows
     results = {}
     for norm_first, state in states.items():
         m = BatchFormer(DIM, HEADS, norm_first=norm_first).to(DT)
         m.load_state_dict(state)
         m.train()
-        xl = x[sl].clone().requires_grad_(True)
+        xl = x[rows].clone().requires_grad_(True)
         out = m(xl)
-        ((out * t[sl]).sum() / n).backward()
+        # this rank's share of the global objective sum(out * t) / B, as DDP sees it (x W: DDP averages over ranks)
+        ((out * t[rows]).sum() * shard.world / shard.n).backward()
         ddp_average_grads(m)
-        results[norm_first] = (out.detach(), xl.grad, {k: p.grad for k, p in m.named_parameters()})
+        results[f"out nf={norm_first}"] = out.detach()
+        # the per-rank objective is W x this rank's share: its input gradient is W x the global objective's
+        results[f"input grad nf={norm_first}"] = xl.grad / shard.world
+        results[f"grads nf={norm_first}"] = {k: p.grad for k, p in m.named_parameters()}
     return results
 
 
-def test_distributed_equivalence() -> None:
+def test_distributed_equivalence(ddp_contract) -> None:
     states = {nf: _make(seed=3, norm_first=nf).state_dict() for nf in (False, True)}
     x, t = _x(b=8), _x(b=8, seed=2)
-    results = run_distributed(_ddp_worker, 2, states, x, t)
-    for nf, state in states.items():
-        m = BatchFormer(DIM, HEADS, norm_first=nf).to(DT)
-        m.load_state_dict(state)
-        xf = x.clone().requires_grad_(True)
-        out = m.train()(xf)
-        ((out * t).sum() / x.shape[0]).backward()
-        for r, res in enumerate(results):
-            out_r, xgrad_r, grads_r = res[nf]
-            sl = slice(4 * r, 4 * r + 4)
-            torch.testing.assert_close(out_r, out[sl].detach(), atol=1e-5, rtol=1e-5)
-            # per-rank objective is the mean over its half: its input gradient is W x the global objective's
-            torch.testing.assert_close(xgrad_r / 2, xf.grad[sl], atol=1e-5, rtol=1e-5)
-            for k, p in m.named_parameters():
-                torch.testing.assert_close(grads_r[k], p.grad, atol=1e-5, rtol=1e-5, msg=f"nf={nf}: grad of {k}")
+    per_sample = [f"{what} nf={nf}" for nf in states for what in ("out", "input grad")]
+    ddp_contract(_batchformer_shard, 8, states, x, t, concat=per_sample, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from batchmates.losses.cc_loss import CCLoss, cc_loss
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -165,16 +165,17 @@ def test_validation():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed equivalence: 2 gloo ranks with half the batch each vs one process (value, parameter and input grads)
+# Distributed equivalence: 2 gloo ranks with 5 samples each vs one process (value, parameter and input grads)
 # ----------------------------------------------------------------------------------------------------------------
 N, D_IN, C = 10, 5, 6
 # class 3 lives only on rank 0, class 4 only on rank 1, classes 0-2 are split across ranks
 LABELS = torch.tensor([0, 1, 3, 2, 0, 1, 4, 2, 0, 4])
 
 
-def _cc_run(rows: slice):
+def _cc_shard(shard: Shard) -> dict:
     torch.manual_seed(0)
     layer = torch.nn.Linear(D_IN, C).double()
+    rows = shard.rows
     x = torch.randn(N, D_IN, generator=torch.Generator().manual_seed(1), dtype=F64)[rows].requires_grad_()
     out = {}
     for form in ["difference", "ratio", "margin"]:
@@ -183,29 +184,19 @@ def _cc_run(rows: slice):
         loss = CCLoss(form, margin=0.5)(torch.sigmoid(layer(x)), LABELS[rows])
         loss.backward()
         ddp_average_grads(layer)
-        out[form] = (loss.detach(), layer.weight.grad.clone(), layer.bias.grad.clone(), x.grad.clone())
+        out[form] = (loss.detach(), layer.weight.grad.clone(), layer.bias.grad.clone())
+        # each rank's input gradient is W x its rows' share of the global gradient (DDP averages parameters)
+        out[f"{form} input grad"] = x.grad / shard.world
     return out
 
 
-def _cc_worker(rank: int, world: int):
-    n = N // world
-    return _cc_run(slice(rank * n, (rank + 1) * n))
-
-
-def test_distributed_equivalence():
-    ranks = run_distributed(_cc_worker, 2)
-    full = _cc_run(slice(0, N))
-    for form in ["difference", "ratio", "margin"]:
-        f_loss, f_w, f_b, f_x = full[form]
-        for r in ranks:
-            loss, gw, gb, _ = r[form]
-            torch.testing.assert_close(loss, f_loss, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(gw, f_w, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(gb, f_b, rtol=1e-5, atol=1e-5)
-        # each rank's input gradient is W x its rows' share of the global gradient (DDP averages parameters)
-        torch.testing.assert_close(torch.cat([r[form][3] for r in ranks]) / len(ranks), f_x, rtol=1e-5, atol=1e-5)
+def test_distributed_equivalence(ddp_contract):
+    forms = ["difference", "ratio", "margin"]
+    run = ddp_contract(
+        _cc_shard, N, splits=(5, 5), same=forms, concat=[f"{f} input grad" for f in forms], rtol=1e-5, atol=1e-5
+    )
     # the global statistics matter: a rank on its own would give another value
-    assert not torch.isclose(ranks[0]["difference"][0], _local_value())
+    assert not torch.isclose(run.ranks[0]["difference"][0], _local_value())
 
 
 def _local_value() -> torch.Tensor:

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from batchmates.nn.class_batch_attention import ClassBatchAttention, class_batch_attention, resolve_cba_scale
-from batchmates.testing import run_distributed
-from batchmates.testing.distributed import ddp_average_grads
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 D64 = torch.float64
@@ -240,21 +239,23 @@ class _QKVNet(nn.Module):
         return self.q(x).view(-1, self.n_cls, self.e), self.k(x).view(-1, self.n_cls, self.e), self.v(x)
 
 
-def _cba_case(x, w1, w2, world: int):
+def _cba_shard(shard: Shard, x, w1, w2):
     """Global objective L = sum_b (w1*cba + w2*bt)[b] / B (the same value on every rank)."""
     from batchmates import distributed
 
+    rows = shard.rows
     torch.manual_seed(0)
     net = _QKVNet().double()
-    x = x.clone().requires_grad_()
+    x = x[rows].clone().requires_grad_()
     q, k, v = net(x)
     for t in (q, k, v):
         t.retain_grad()
     cba, bt = ClassBatchAttention()(q, k, v)
-    local = (w1 * cba + w2 * bt).sum()
+    local = (w1[rows] * cba + w2[rows] * bt).sum()
     loss = distributed.all_reduce_sum(local) / distributed.global_count(x.shape[0])
     loss.backward()
     ddp_average_grads(net)
+    world = shard.world
     return {
         "loss": loss.detach(),
         "cba": cba.detach(),
@@ -265,28 +266,18 @@ def _cba_case(x, w1, w2, world: int):
     }
 
 
-def _cba_worker(rank: int, world: int, x, w1, w2):
-    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-    return _cba_case(x[rows], w1[rows], w2[rows], world)
-
-
-def test_distributed_equivalence_two_gloo_ranks():
+def test_distributed_equivalence_two_gloo_ranks(ddp_contract):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=g, dtype=D64) * 2
     w1, w2 = torch.randn(6, 3, generator=g, dtype=D64), torch.randn(6, 3, generator=g, dtype=D64)
-    full = _cba_case(x, w1, w2, world=1)
-    ranks = run_distributed(_cba_worker, 2, x, w1, w2)
-    for r in ranks:
-        torch.testing.assert_close(r["loss"], full["loss"], rtol=1e-5, atol=1e-5)
-        for name, g_full in full["params"].items():
-            torch.testing.assert_close(r["params"][name], g_full, rtol=1e-5, atol=1e-5)
-    for key in ("cba", "bt", "gq", "gk", "gv", "gx"):
-        torch.testing.assert_close(torch.cat([r[key] for r in ranks]), full[key], rtol=1e-5, atol=1e-5)
+    run = ddp_contract(
+        _cba_shard, 6, x, w1, w2, concat=("cba", "bt", "gq", "gk", "gv", "gx"), rtol=1e-5, atol=1e-5
+    )
     # the rank-local attention would differ: the test can fail if gathering is dropped
     local_only = ClassBatchAttention(gather=False)
     torch.manual_seed(0)
     q, k, v = _QKVNet().double()(x)
-    assert (local_only(q[:3], k[:3], v[:3])[0] - full["cba"][:3]).abs().max() > 1e-6
+    assert (local_only(q[:3], k[:3], v[:3])[0] - run.full["cba"][:3]).abs().max() > 1e-6
 
 
 # ---------------------------------------------------------------- CUDA

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from batchmates import distributed as bdist
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 
@@ -40,19 +41,19 @@ def _global_stats_objective(s1, s2, n):
     return (var.log() * mean).sum()
 
 
-def _worker(rank: int, world: int) -> dict:
+def _collectives(shard: Shard) -> dict:
     x, w = _data()
-    rows = _rows(rank)
+    rows = shard.rows
     out: dict = {
         "world": bdist.world_size(),
         "rank": bdist.rank(),
         "is_dist": bdist.is_distributed(),
-        "count": bdist.global_count(SIZES[rank]),
-        "slice": bdist.local_slice(SIZES[rank]),
+        "count": bdist.global_count(shard.size),
+        "slice": bdist.local_slice(shard.size),
     }
     # gather: forward values (uneven), integer tensors, no-grad path
     out["gathered"] = bdist.gather(x[rows])
-    out["gathered_int"] = bdist.gather(torch.arange(SIZES[rank]) + 100 * rank)
+    out["gathered_int"] = bdist.gather(torch.arange(shard.size) + 100 * shard.rank)
 
     # gather with gradient through a model
     model = _model()
@@ -62,12 +63,12 @@ def _worker(rank: int, world: int) -> dict:
     ddp_average_grads(model)
     out["gather_loss"] = loss.detach()
     out["gather_grads"] = [p.grad for p in model.parameters()]
-    out["gather_xgrad"] = xs.grad
+    # each rank returns the global objective: its raw input gradient is W x the true one; DDP averages it away
+    out["gather_xgrad"] = xs.grad / shard.world
 
     # all_reduce_sum / all_reduce_mean with gradient
     model = _model()
-    xs = x[rows].clone().requires_grad_(True)
-    h = model(xs)
+    h = model(x[rows])
     s1 = bdist.all_reduce_sum(h.sum(0))
     s2 = bdist.all_reduce_sum((h**2).sum(0))
     loss = _global_stats_objective(s1, s2, sum(SIZES))
@@ -75,43 +76,28 @@ def _worker(rank: int, world: int) -> dict:
     ddp_average_grads(model)
     out["reduce_loss"] = loss.detach()
     out["reduce_grads"] = [p.grad for p in model.parameters()]
-    out["mean"] = bdist.all_reduce_mean(torch.tensor([float(rank + 1)]))
-    t = torch.tensor([2.0 * (rank + 1)], requires_grad=True)
+    out["mean"] = bdist.all_reduce_mean(torch.tensor([float(shard.rank + 1)]))
+    t = torch.tensor([2.0 * (shard.rank + 1)], requires_grad=True)
     bdist.all_reduce_mean(t).sum().backward()
     out["mean_grad"] = t.grad
     return out
 
 
-def test_collectives_values_and_gradients():
-    results = run_distributed(_worker, 2)
-    x, w = _data()
-
-    model = _model()
-    ref_gather = _global_gather_objective(model(x), w)
-    ref_gather.backward()
-    gather_grads = [p.grad for p in model.parameters()]
-    xs = x.clone().requires_grad_(True)
-    _global_gather_objective(_model()(xs), w).backward()
-
-    model = _model()
-    h = model(x)
-    ref_reduce = _global_stats_objective(h.sum(0), (h**2).sum(0), sum(SIZES))
-    ref_reduce.backward()
-    reduce_grads = [p.grad for p in model.parameters()]
-
-    for r, res in enumerate(results):
+def test_collectives_values_and_gradients(ddp_contract):
+    # the gathered values, the objectives and their parameter gradients equal one process on the whole batch
+    run = ddp_contract(
+        _collectives,
+        sum(SIZES),
+        splits=SIZES,
+        same=("gathered", "gather_loss", "gather_grads", "reduce_loss", "reduce_grads"),
+        concat=("gather_xgrad",),
+    )
+    x, _ = _data()
+    torch.testing.assert_close(run.full["gathered"], x)
+    for r, res in enumerate(run.ranks):
         assert (res["world"], res["rank"], res["is_dist"], res["count"]) == (2, r, True, sum(SIZES))
         assert res["slice"] == _rows(r)
-        torch.testing.assert_close(res["gathered"], x)
         assert res["gathered_int"].tolist() == [0, 1, 2, 100, 101, 102, 103, 104]
-        torch.testing.assert_close(res["gather_loss"], ref_gather.detach(), rtol=1e-5, atol=1e-8)
-        for a, b in zip(res["gather_grads"], gather_grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-        # each rank returns the global objective: its raw input gradient is W x the true one; DDP averages it away
-        torch.testing.assert_close(res["gather_xgrad"] / 2, xs.grad[_rows(r)], rtol=1e-5, atol=1e-8)
-        torch.testing.assert_close(res["reduce_loss"], ref_reduce.detach(), rtol=1e-5, atol=1e-8)
-        for a, b in zip(res["reduce_grads"], reduce_grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(res["mean"], torch.tensor([1.5]))
         # d/dt_r of the mean on every rank, summed over the 2 ranks' outputs: 2 * 1/2 = 1
         torch.testing.assert_close(res["mean_grad"], torch.tensor([1.0]))
@@ -123,3 +109,20 @@ def test_single_process_identity():
     assert bdist.gather(x) is x and bdist.all_reduce_sum(x) is x
     torch.testing.assert_close(bdist.all_reduce_mean(x), x)
     assert bdist.local_slice(3) == slice(0, 3) and bdist.global_count(3) == 3
+
+
+def _local_mean(shard: Shard) -> dict:
+    x, _ = _data()
+    return {"loss": x[shard.rows].mean()}  # the rank-local mean: what the contract exists to catch
+
+
+def _global_mean(shard: Shard) -> dict:
+    x, _ = _data()
+    return {"loss": bdist.all_reduce_sum(x[shard.rows].sum()) / bdist.global_count(shard.size)}
+
+
+def test_contract_fixture_catches_a_rank_local_mean(ddp_contract):
+    with pytest.raises(AssertionError, match="'loss' on rank 0 of 2"):
+        ddp_contract(_local_mean, 8)
+    run = ddp_contract(_global_mean, 8)
+    assert run.splits == (5, 3)  # uneven by default

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchmates.bench.supcon import official_supcon
 from batchmates.losses import NTXentLoss, SupConLoss, supcon_loss
 from batchmates.losses import supcon as supcon_module
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads
+from batchmates.testing.oracles import official_supcon
 
 torch.set_num_threads(1)
 
@@ -380,7 +380,6 @@ CASES = {
     "mask": {"use_mask": True},
     "mean_positive": {"use_labels": True, "reduction": "mean_positive"},
 }
-SPLIT = 6  # rank 0 holds 6 samples, rank 1 holds 4 (uneven on purpose)
 
 
 def _run_case(x, labels, mask, cfg):
@@ -400,25 +399,27 @@ def _run_case(x, labels, mask, cfg):
     return model, xs, loss
 
 
-def _supcon_worker(rank: int, world: int) -> dict:
+def _supcon_shard(shard: Shard) -> dict:
     x, labels, mask = _ddp_data()
-    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, x.shape[0])
+    rows = shard.rows
     out = {}
     for name, cfg in CASES.items():
         model, xs, loss = _run_case(x[rows], labels[rows], mask, cfg)
         ddp_average_grads(model)
-        out[name] = (loss.detach(), [p.grad for p in model.parameters()], xs.grad)
-    # explicit opt-out: local-batch loss
-    model, _, loss = _run_case(x[rows], labels[rows], None, {"use_labels": True, "gather": False})
-    out["local"] = loss.detach()
+        out[name] = (loss.detach(), [p.grad for p in model.parameters()])
+        # every rank returns the global loss, so the raw input gradient is W x the global one (DDP then averages)
+        out[f"{name} input grad"] = xs.grad / shard.world
     # a rank left with no sample (e.g. curation dropped all its pairs) still joins the global loss exactly
-    rows_e = slice(0, x.shape[0]) if rank == 0 else slice(0, 0)
+    rows_e = slice(0, x.shape[0]) if shard.rank == 0 else slice(0, 0)
     model, xs, loss = _run_case(x[rows_e], labels[rows_e], None, {"use_labels": True})
     ddp_average_grads(model)
     out["empty_rank"] = (loss.detach(), [p.grad for p in model.parameters()])
-    # per-anchor values of this rank's anchors
+    # per-anchor values of this rank's anchors ([V, N_local], transposed so ranks concatenate along dim 0)
     feats = _ddp_model()(x[rows]).view(-1, 2, 8)
-    out["none"] = supcon_loss(feats, labels[rows], temperature=0.2, base_temperature=0.1, reduction="none").detach()
+    out["none"] = supcon_loss(feats, labels[rows], temperature=0.2, base_temperature=0.1, reduction="none").detach().T
+    # explicit opt-out: local-batch loss
+    model, _, loss = _run_case(x[rows], labels[rows], None, {"use_labels": True, "gather": False})
+    out["local"] = loss.detach()
     # a local [N_local, N_local] mask is refused under DDP: the global mask is required
     try:
         supcon_loss(feats.detach(), mask=torch.eye(feats.shape[0], dtype=torch.float64))
@@ -428,33 +429,16 @@ def _supcon_worker(rank: int, world: int) -> dict:
     return out
 
 
-def test_distributed_equivalence():
-    results = run_distributed(_supcon_worker, 2)
-    x, labels, mask = _ddp_data()
-    for name, cfg in CASES.items():
-        model, xs, loss = _run_case(x, labels, mask, cfg)
-        grads = [p.grad for p in model.parameters()]
-        for r, res in enumerate(results):
-            r_loss, r_grads, r_xgrad = res[name]
-            torch.testing.assert_close(r_loss, loss.detach(), rtol=1e-5, atol=1e-8, msg=f"{name} loss rank {r}")
-            for a, b in zip(r_grads, grads):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8, msg=f"{name} param grad rank {r}")
-            # every rank returns the global loss, so the raw input gradient is W x the global one (DDP then averages)
-            rows = slice(0, SPLIT) if r == 0 else slice(SPLIT, x.shape[0])
-            torch.testing.assert_close(r_xgrad / 2, xs.grad[rows], rtol=1e-5, atol=1e-8, msg=f"{name} input grad")
-    model, _, loss = _run_case(x, labels, None, {"use_labels": True})
-    for res in results:
-        e_loss, e_grads = res["empty_rank"]
-        torch.testing.assert_close(e_loss, loss.detach(), rtol=1e-5, atol=1e-8)
-        for a, b in zip(e_grads, [p.grad for p in model.parameters()]):
-            # DDP averages over 2 ranks; the rank without samples contributes the gradient through the gather
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-    _, _, local0 = _run_case(x[:SPLIT], labels[:SPLIT], None, {"use_labels": True})
-    torch.testing.assert_close(results[0]["local"], local0.detach())
-    feats = _ddp_model()(x).view(-1, 2, 8)
-    per = supcon_loss(feats, labels, temperature=0.2, base_temperature=0.1, reduction="none").detach()
-    torch.testing.assert_close(torch.cat([results[0]["none"], results[1]["none"]], dim=1), per)
-    assert all("[N_global, N_global]" in res["local_mask_error"] for res in results)
+def test_distributed_equivalence(ddp_contract):
+    # rank 0 holds 6 samples, rank 1 holds 4 (uneven on purpose)
+    grads_in = tuple(f"{name} input grad" for name in CASES)
+    run = ddp_contract(_supcon_shard, 10, same=(*CASES, "empty_rank"), concat=(*grads_in, "none"))
+    assert run.splits == (6, 4)
+    x, labels, _ = _ddp_data()
+    _, _, local0 = _run_case(x[:6], labels[:6], None, {"use_labels": True})
+    torch.testing.assert_close(run.ranks[0]["local"], local0.detach())
+    assert abs(run.ranks[0]["local"].item() - run.full["labels"][0].item()) > 1e-3  # gathering matters
+    assert all("[N_global, N_global]" in res["local_mask_error"] for res in run.ranks)
 
 
 # ---------------------------------------------------------------- benchmark smoke

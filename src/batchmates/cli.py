@@ -14,13 +14,9 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+from batchmates.bench.runner import BENCH_GROUPS  # the group table, for the `bench` choices (imports no torch)
 
-BENCH_GROUPS: dict[str, tuple[str, ...]] = {
-    "losses": ("supcon", "barlow_twins", "swav", "cc_loss"),
-    "modules": ("modules_a", "modules_b"),
-    "curation": ("curation",),
-}
+__all__ = ["main", "build_parser"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -332,71 +328,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _update_benchmarks_doc(doc: str, group: str, body: str) -> None:
-    from batchmates.training.io import atomic_write_text
-
-    start, end = f"<!-- bench:{group} -->", f"<!-- /bench:{group} -->"
-    section = f"{start}\n## {group}\n\n{body.rstrip()}\n{end}"
-    try:
-        with open(doc, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = "# Benchmarks\n\nWritten by `batchmates bench`; each section is replaced when its group is rerun.\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_text(doc, text)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
+    from batchmates.bench.runner import run_benchmarks
 
-    from batchmates.bench.common import hardware_description, rows_to_markdown
-    from batchmates.training.io import atomic_write_json
-
-    groups = list(BENCH_GROUPS) if args.group == "all" else [args.group]
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    hardware = hardware_description(args.device)
-    status = 0
-    for group in groups:
-        rows, notes = [], []
-        for mod_name in BENCH_GROUPS[group]:
-            full = f"batchmates.bench.{mod_name}"
-            try:
-                mod = importlib.import_module(full)
-            except ModuleNotFoundError as e:
-                if e.name not in (full, "batchmates.bench"):
-                    raise
-                notes.append(f"{mod_name}: not available (module {full} does not exist yet)")
-                print(f"[bench] {group}/{mod_name}: not available", flush=True)
-                continue
-            print(f"[bench] {group}/{mod_name}: running on {args.device}{' (quick)' if args.quick else ''}",
-                  flush=True)
-            try:
-                got = mod.run(args.device, args.quick)
-            except Exception as e:  # noqa: BLE001 - report, keep the other benchmarks
-                status = 1
-                notes.append(f"{mod_name}: failed: {type(e).__name__}: {e}")
-                print(f"[bench] {group}/{mod_name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                continue
-            rows.extend(got)
-        kind = "cuda" if args.device.startswith("cuda") else args.device
-        atomic_write_json(os.path.join(args.out, f"{group}-{kind}{'-quick' if args.quick else ''}.json"),
-                          {"group": group, "device": args.device, "quick": args.quick, "hardware": hardware,
-                           "rows": [r.to_dict() for r in rows], "notes": notes})
-        body = rows_to_markdown(rows, hardware) if rows else f"Hardware: {hardware}\n\n(no rows)\n"
-        if args.quick:
-            body = "Quick run (small sizes).\n\n" + body
-        if notes:
-            body += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-        _update_benchmarks_doc(args.doc, f"{group} ({kind}{', quick' if args.quick else ''})", body)
-        print(body)
-    return status
+    return run_benchmarks(args.group, device=args.device, quick=args.quick, out=args.out, doc=args.doc)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "data": cmd_data,

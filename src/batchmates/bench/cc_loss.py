@@ -9,21 +9,9 @@ import torch
 
 from batchmates.bench.common import BenchRow, measure
 from batchmates.losses.cc_loss import cc_loss
+from batchmates.testing.oracles import naive_cc_loss
 
 __all__ = ["run", "naive_cc_loss"]
-
-
-def naive_cc_loss(attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The direct reading of the definition: a B x B squared-distance matrix and masked means ("difference")."""
-    n, c = attention.shape
-    sq = (attention * attention).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * attention @ attention.t()).clamp_min(0) / c
-    same = labels[:, None] == labels[None, :]
-    off = ~torch.eye(n, dtype=torch.bool, device=attention.device)
-    intra_mask, inter_mask = same & off, ~same
-    intra = (d * intra_mask).sum() / intra_mask.sum().clamp_min(1)
-    inter = (d * inter_mask).sum() / inter_mask.sum().clamp_min(1)
-    return intra - inter
 
 
 def _case(b: int, c: int, k: int, dev: torch.device, iters: int) -> list[BenchRow]:

@@ -16,57 +16,10 @@ import torch
 
 from batchmates.bench.common import BenchRow, try_measure
 from batchmates.losses.supcon import supcon_loss
+from batchmates.testing.oracles import official_supcon
 
 TEMPERATURE = 0.1
 BASE_TEMPERATURE = 0.07
-
-
-def official_supcon(
-    features: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    temperature: float = 0.07,
-    base_temperature: float = 0.07,
-    contrast_mode: str = "all",
-) -> torch.Tensor:
-    """OFFICIAL SUPCON FORMULA, transcribed for benchmarking and as a test reference (not used by the library).
-
-    Khosla et al. 2020 (arXiv:2004.11362), SupContrast ``SupConLoss.forward``: full ``[VN, VN]`` logits, float
-    masks built by ``repeat`` and ``scatter``, row-max subtraction, anchors without positive giving 0.
-    Features must already be L2-normalised, shape ``[N, V, D]``.
-    """
-    device = features.device
-    batch_size, n_views = features.shape[0], features.shape[1]
-    if labels is None and mask is None:
-        mask = torch.eye(batch_size, dtype=torch.float32, device=device)
-    elif labels is not None:
-        labels = labels.contiguous().view(-1, 1)
-        mask = torch.eq(labels, labels.T).float().to(device)
-    else:
-        mask = mask.float().to(device)
-    contrast_count = n_views
-    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
-    if contrast_mode == "one":
-        anchor_feature = features[:, 0]
-        anchor_count = 1
-    else:
-        anchor_feature = contrast_feature
-        anchor_count = contrast_count
-    anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
-    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
-    logits = anchor_dot_contrast - logits_max.detach()
-    mask = mask.repeat(anchor_count, contrast_count).to(logits.dtype)
-    logits_mask = torch.scatter(
-        torch.ones_like(mask), 1, torch.arange(batch_size * anchor_count, device=device).view(-1, 1), 0
-    )
-    mask = mask * logits_mask
-    exp_logits = torch.exp(logits) * logits_mask
-    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
-    mask_pos_pairs = mask.sum(1)
-    mask_pos_pairs = torch.where(mask_pos_pairs < 1e-6, torch.ones_like(mask_pos_pairs), mask_pos_pairs)
-    mean_log_prob_pos = (mask * log_prob).sum(1) / mask_pos_pairs
-    loss = -(temperature / base_temperature) * mean_log_prob_pos
-    return loss.view(anchor_count, batch_size).mean()
 
 
 def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:

@@ -1,7 +1,11 @@
-"""Benchmark: cost of BA²M (arXiv:2103.15099) and of intra-batch attention (IBAFormer, arXiv:2309.06282).
+"""Benchmark ``batch-attention``: step cost of BA²M and of intra-batch attention inside the blocks they live in.
 
-All timings are one training step (forward + backward into the parameters and the input, as they would flow
-into the rest of a network), median of several, via :func:`batchmates.bench.common.measure`.
+Paper: BA²M (Cheng et al. 2021, arXiv:2103.15099) and IBAFormer (Sun et al. 2023, arXiv:2309.06282) report
+accuracy, not step time or memory; no figure here comes from them.
+
+Library choices (what is measured, and the targets, are ours): one training step (forward + backward into the
+parameters and the input, as they would flow into the rest of a network), median of several, via
+:func:`batchmates.bench.common.measure`, for
 
 * ``resnet-block``: a ResNet basic block (3x3 conv-BN-ReLU-3x3 conv-BN, attention on the residual branch
   before the sum, identity shortcut) with ``none`` vs ``se`` (SqueezeExcite) vs ``ba2m`` vs ``ba2m`` with its
@@ -14,7 +18,7 @@ into the rest of a network), median of several, via :func:`batchmates.bench.comm
   recomputation (checkpointing). Target: memory bounded by the chunk size.
 
 Each row's ``extra`` holds parameter counts and the overhead relative to the baseline of its case.
-``quick=True`` uses tiny shapes (seconds on CPU).
+``quick=True`` uses tiny shapes (seconds on CPU). Run with ``batchmates bench modules``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchmates.bench.common import BenchRow, hardware_description, measure
+from batchmates.models import count_parameters
 from batchmates.models.layers import create_attn_layer
 from batchmates.models.vit import ViTBlock
 
@@ -48,10 +53,6 @@ class BasicBlock(nn.Module):
         return F.relu(self.attn(self.bn2(self.conv2(out))) + x)
 
 
-def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def _step(module: nn.Module, x: torch.Tensor):
     def step() -> None:
         module.zero_grad(set_to_none=True)
@@ -70,7 +71,7 @@ def _rows_for_case(
     for name, module in impls.items():
         module.to(dev).train()
         t_ms, mem = measure(_step(module, x), dev, warmup=2, iters=iters)
-        params = _n_params(module)
+        params = count_parameters(module)
         if name == baseline:
             base_ms, base_params = t_ms, params
         extra: dict[str, Any] = {"params": params, "batch": x.shape[0]}
@@ -107,7 +108,7 @@ def run(device: str, quick: bool) -> list[BenchRow]:
             "ba2m": BasicBlock(c, "ba2m"),
             "ba2m+finite-check": BasicBlock(c, "ba2m", check_finite=True),
         }
-        attn_params = {k: {"attn_params": _n_params(m.attn)} for k, m in impls.items()}
+        attn_params = {k: {"attn_params": count_parameters(m.attn)} for k, m in impls.items()}
         case_rows = _rows_for_case("resnet-block", f"B={b} C={c} {s}x{s}", impls, x, dev, hw, "none", iters,
                                    attn_params)
         se_ms = next(r.time_ms for r in case_rows if r.impl == "se")
@@ -139,15 +140,3 @@ def run(device: str, quick: bool) -> list[BenchRow]:
     rows += _rows_for_case("eiba-memory", f"B={mem_batch} T={tokens} D={dim} H={heads}", impls, x, dev, hw, "self",
                            iters)
     return rows
-
-
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m batchmates.bench.modules_a [cpu|cuda] [full]
-    import sys
-
-    from batchmates.bench.common import rows_to_markdown
-
-    dev_arg = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
-    out = run(dev_arg, quick=not (len(sys.argv) > 2 and sys.argv[2] == "full"))
-    print(rows_to_markdown(out, hardware_description(dev_arg)))
-    for r in out:
-        print(r.benchmark, r.case, r.impl, r.extra)

@@ -1,8 +1,12 @@
-"""Benchmark: overhead of the Batch Transformer head (arXiv:2407.04218) over a plain linear head.
+"""Benchmark ``batch-transformer-head``: overhead of the Batch Transformer head over a plain linear head.
 
-One training step (forward + backward, gradients into the head's parameters and into the stage features, as
-they would flow into a backbone) on random per-stage features shaped like a CIFAR ResNet-18
-(``[B,64,32,32]``, ``[B,128,16,16]``, ``[B,256,8,8]``, ``[B,512,4,4]``) at B = 64 and 256, for
+Paper: Her et al. 2024 (arXiv:2407.04218) state the head's cost on POSTER V2 as +1.3M parameters and +0.18 GFLOPs;
+they give no step time.
+
+Library choices (the cases are ours): one training step (forward + backward, gradients into the head's
+parameters and into the stage features, as they would flow into a backbone) on random per-stage features shaped
+like a CIFAR ResNet-18 (``[B,64,32,32]``, ``[B,128,16,16]``, ``[B,256,8,8]``, ``[B,512,4,4]``) at B = 64 and
+256, for
 
 * ``linear``: global average pool of the last stage + ``Linear(512, K)`` with cross-entropy;
 * ``btn-no-mla``: :class:`BatchTransformerHead` with ``use_mla=False`` (pooled last stage, CBA, 3-term loss);
@@ -10,7 +14,7 @@ they would flow into a backbone) on random per-stage features shaped like a CIFA
 * ``btn-mla-sdpa``: the same with ``cba_backend="sdpa"`` (fused attention kernels for CBA).
 
 Each row's ``extra`` holds the head's parameter count and its time and parameter overhead relative to
-``linear`` on the same case. ``quick=True`` uses tiny shapes (for smoke tests).
+``linear`` on the same case. ``quick=True`` uses tiny shapes (for smoke tests). Run with ``batchmates bench modules``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchmates.bench.common import BenchRow, hardware_description, measure
+from batchmates.models import count_parameters
 from batchmates.nn.batch_transformer import BatchTransformerHead
 
 __all__ = ["run"]
@@ -34,10 +39,6 @@ class _LinearHead(nn.Module):
 
     def forward(self, stages: list[torch.Tensor]) -> torch.Tensor:
         return self.fc(stages[-1].mean(dim=(2, 3)))
-
-
-def _n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def _make_step(head: nn.Module, stages: list[torch.Tensor], labels: torch.Tensor):
@@ -88,7 +89,7 @@ def run(device: str, quick: bool) -> list[BenchRow]:
 
             step = _make_step(head, stages, labels)
             ms, peak = measure(step, dev, warmup=1 if quick else 2, iters=iters)
-            params = _n_params(head)
+            params = count_parameters(head)
             if name == "linear":
                 base_ms, base_params = ms, params
             rows.append(
@@ -108,14 +109,3 @@ def run(device: str, quick: bool) -> list[BenchRow]:
                 )
             )
     return rows
-
-
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m batchmates.bench.modules_b [--full] [device]
-    import sys
-
-    from batchmates.bench.common import rows_to_markdown
-
-    args = [a for a in sys.argv[1:] if a != "--full"]
-    device = args[0] if args else ("cuda" if torch.cuda.is_available() else "cpu")
-    result = run(device, quick="--full" not in sys.argv)
-    print(rows_to_markdown(result, hardware_description(device)))
