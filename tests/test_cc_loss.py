@@ -140,6 +140,36 @@ def test_float32_precision_and_autocast():
         assert loss.item() == pytest.approx(_naive(ah.detach().to(F64), y).item(), abs=1e-6)
 
 
+# Bounds: for gates in (0, 1) every d_ij = ||a_i - a_j||^2 / C lies in [0, 1), so "difference" lies in (-1, 1)
+# (the closed [-1, 1] once gates saturate to exactly 0 or 1 in floating point).
+def _bounds_case(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n, c, k = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in [(1, 65), (1, 33), (1, 6)])
+    y = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, c, generator=g, dtype=F64) * (1.0, 10.0, 40.0, 200.0)[seed % 4]  # 200: saturated
+    if seed % 2:  # class-aligned extremes: even classes near 1, odd classes near 0 (the value nears -1)
+        logits = logits.abs() * (1 - 2 * (y % 2)).to(F64)[:, None]
+    return torch.sigmoid(logits), y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_difference_form_lies_in_minus_one_one(dtype):
+    values = []
+    for seed in range(300):
+        a, y = _bounds_case(seed)
+        v = cc_loss(a.to(dtype), y).item()
+        assert -1.0 <= v <= 1.0, f"seed {seed}: {v}"
+        if seed % 10 == 0:
+            assert v == pytest.approx(_naive(a, y).item(), abs=1e-5)
+        values.append(v)
+    assert min(values) < -0.99  # the lower bound is approached, so the term is bounded, not small
+    # Two classes at opposite gate values d: intra 0, inter (1 - 2 delta)^2, tending to -1 as delta -> 0.
+    for delta in [0.25, 1e-3, 1e-8]:
+        a = torch.tensor([[1 - delta] * 4, [1 - delta] * 4, [delta] * 4], dtype=F64)
+        v = cc_loss(a, torch.tensor([0, 0, 1])).item()
+        assert v == pytest.approx(-((1 - 2 * delta) ** 2), rel=1e-12) and v > -1
+
+
 def test_validation():
     a, y = _attn(6, 4, 13).detach(), _labels(6, 3, 14)
     with pytest.raises(ValueError, match="labels has 5 entries but attention has 6 rows"):

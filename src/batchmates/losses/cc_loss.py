@@ -6,7 +6,9 @@ the vectors of same-class samples together and pushes different classes apart, a
 
 Library form (METHODS.md Sec. 7): ``d_ij = ||a_i - a_j||^2 / C`` and
 
-* ``"difference"`` (default): ``L_cc = mean_{same class, i != j} d_ij - mean_{different class} d_ij``;
+* ``"difference"`` (default): ``L_cc = mean_{same class, i != j} d_ij - mean_{different class} d_ij``. For
+  gates in ``(0, 1)`` every ``d_ij`` lies in ``[0, 1)``, so ``L_cc`` lies in ``(-1, 1)``: bounded below too
+  (gates that saturate to exactly 0 or 1 in floating point reach the closed bounds ``[-1, 1]``);
 * ``"ratio"``: ``intra / (inter + eps)`` (scale-free; when the batch has no different-class pair the
   denominator is absent and the loss is ``intra`` alone);
 * ``"margin"``: ``intra + relu(margin - inter)`` - a hinge on the inter-class term, which stops pushing
