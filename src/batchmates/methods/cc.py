@@ -13,8 +13,9 @@ Paper: the CE + lambda * L_cc objective on SE attention vectors. Library choices
 * ``cc_layers="last"`` (default) uses the SE layer of the last block; ``"all"`` averages the per-layer
   ``L_cc`` terms of every SE layer;
 * ``lambda_cc=0.1`` by default (measured on digits, default settings, seed 0: test top-1 0.996 with 0.1 and
-  0.984 with 1.0, where the unbounded-below "difference" term dominates the loss), and ``form``/``margin`` as
-  in :class:`~batchmates.losses.CCLoss` (``"difference"`` by default).
+  0.984 with 1.0, where the "difference" term dominates the loss; that term is bounded: every
+  ``d_ij = ||a_i - a_j||^2 / C`` lies in ``[0, 1)`` for gates in ``(0, 1)``, so intra minus inter lies in
+  ``(-1, 1)``), and ``form``/``margin`` as in :class:`~batchmates.losses.CCLoss` (``"difference"`` by default).
 
 Inference is per-sample: the SE gates of a test image depend on that image only, and prediction is the plain
 linear classifier on the pooled features (the CC term is training-only). Under DDP, ``CCLoss`` all-reduces its
