@@ -4,61 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _iba_reference import DIM, DT, HEADS
+from _iba_reference import make as _make
+from _iba_reference import naive_iba as _naive_iba
+from _iba_reference import ref_block as _ref_block
+from _iba_reference import ref_self_attention as _ref_self_attention
+from _iba_reference import tokens as _x
 
 from batchmates.nn.intra_batch_attention import IntraBatchAttention, intra_batch_attention
 from batchmates.testing import run_distributed
 from batchmates.testing.distributed import ddp_average_grads
 
 torch.set_num_threads(1)
-DT = torch.float64
-DIM, HEADS = 12, 3
-
-
-def _make(mode: str = "mean", seed: int = 0, **kw) -> IntraBatchAttention:
-    torch.manual_seed(seed)
-    return IntraBatchAttention(DIM, HEADS, mode=mode, **kw).to(DT)
-
-
-def _x(b: int = 5, n: int = 4, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, n, DIM, generator=g, dtype=DT)
-
-
-# ---- independent references: explicit softmax(QK^T/sqrt(d))V, no SDPA -----------------------------------
-
-
-def _heads(m: IntraBatchAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, n, _ = x.shape
-    qkv = x @ m.qkv.weight.T + m.qkv.bias  # [B, N, 3D]
-    q, k, v = qkv.split(DIM, dim=-1)
-    return tuple(t.reshape(b, n, HEADS, DIM // HEADS).transpose(1, 2) for t in (q, k, v))
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    scores = torch.einsum("...nd,...md->...nm", q, k) / q.shape[-1] ** 0.5
-    return torch.einsum("...nm,...md->...nd", torch.softmax(scores, dim=-1), v)
-
-
-def _naive_iba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "mean":
-        kb, vb = k.mean(0, keepdim=True), v.mean(0, keepdim=True)
-        return _attend(q, kb.expand_as(k), vb.expand_as(v))
-    b = q.shape[0]
-    return torch.stack([sum(_attend(q[i], k[j], v[j]) for j in range(b)) / b for i in range(b)])
-
-
-def _merge(m: IntraBatchAttention, o: torch.Tensor) -> torch.Tensor:
-    b, _, n, _ = o.shape
-    return o.transpose(1, 2).reshape(b, n, DIM) @ m.proj.weight.T + m.proj.bias
-
-
-def _ref_self_attention(m: IntraBatchAttention, x: torch.Tensor) -> torch.Tensor:
-    return _merge(m, _attend(*_heads(m, x)))
-
-
-def _ref_block(m: IntraBatchAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
-    q, k, v = _heads(m, x)
-    return _merge(m, 0.5 * (_attend(q, k, v) + _naive_iba(q, k, v, mode)))
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------
@@ -124,19 +81,19 @@ def test_permutation_equivariance_in_training(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["mean", "element"])
-def test_independent_eval_is_self_attention_and_batch_independent(mode: str) -> None:
-    m = _make(mode).eval()
+def test_untrained_layer_evaluates_as_self_attention_and_batch_eval_uses_the_batch(mode: str) -> None:
+    m = _make(mode).eval()  # no training batch yet: no statistics, so independent eval is self-attention alone
+    assert not m.has_statistics
     x = _x(b=4)
     x2 = x.clone()
     x2[1:] = _x(b=4, seed=5)[1:]
     out = m(x)
     torch.testing.assert_close(out, _ref_self_attention(m, x), atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(out[0], m(x2)[0], atol=0, rtol=0)
-    for i in range(4):
-        torch.testing.assert_close(out[i : i + 1], m(x[i : i + 1]), atol=1e-12, rtol=1e-10)
-    m.eval_mode = "batch"  # opt-in: eval relates the test batch like training does
+    m.eval_mode = "batch"  # opt-in: eval relates the test batch like training does, and collects nothing
     torch.testing.assert_close(m(x), _ref_block(m, x, mode), atol=1e-10, rtol=1e-10)
     assert not torch.allclose(m(x)[0], m(x2)[0])
+    assert not m.has_statistics and int(m.num_batches_tracked) == 0
 
 
 def _cross_grad(m: IntraBatchAttention, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +107,7 @@ def test_gradient_flows_across_samples_only_when_the_batch_is_used(mode: str) ->
     m = _make(mode).train()
     assert _cross_grad(m, _x()).abs().min() > 0  # every other sample influences sample 0
     m.eval()
+    assert m.has_statistics  # independent eval uses the training statistics, which are constants
     assert torch.count_nonzero(_cross_grad(m, _x())) == 0
     m.eval_mode = "batch"
     assert _cross_grad(m, _x()).abs().max() > 1e-6
@@ -204,53 +162,75 @@ def test_aliases_and_token_mixer_registration() -> None:
         assert mixer(torch.randn(2, 3, DIM)).shape == (2, 3, DIM)
 
 
-def test_independent_eval_equals_the_vit_self_attention_mixer_with_the_same_weights() -> None:
+def test_self_attention_weights_load_into_iba_and_evaluate_as_self_attention() -> None:
     from batchmates.models import create_token_mixer
 
-    m = _make("element").eval()
     sa = create_token_mixer("self", DIM, HEADS).to(DT).eval()
-    sa.load_state_dict(m.state_dict())  # same parameter names: a "self" checkpoint loads into MIBA/EIBA
+    m = _make("element").train()
+    m(_x())  # collect statistics, which the self-attention checkpoint must then clear
+    with pytest.warns(UserWarning, match="no running statistics"):
+        m.load_state_dict(sa.state_dict())  # same parameter names (a checkpoint from before the statistics)
+    assert not m.has_statistics
     x = _x()
-    torch.testing.assert_close(m(x), sa(x), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(m.eval()(x), sa(x), atol=1e-12, rtol=1e-10)
+    params = {k: t for k, t in m.state_dict().items() if k in dict(m.named_parameters())}
+    sa.load_state_dict(params)  # and the other way round, parameters only
 
 
 # --- torch.distributed: 2 gloo ranks with half the batch each == one process with all of it -----------------
 
 
-def _ddp_worker(rank: int, world: int, states: dict, x: torch.Tensor, t: torch.Tensor) -> dict:
+_STATS = ("running_k", "running_v", "bank_k", "bank_v", "num_batches_tracked", "train_batch_size")
+
+
+def _train_twice(m: IntraBatchAttention, x: torch.Tensor, t: torch.Tensor, x2: torch.Tensor, n: int):
+    """A step with a gradient on x, then a second training batch x2 (statistics only) and eval on x2."""
+    m.train()
+    xl = x.clone().requires_grad_(True)
+    out = m(xl)
+    ((out * t).sum() / n).backward()
+    m(x2)
+    evaluated = m.eval()(x2)
+    return out.detach(), xl.grad, {k: getattr(m, k).clone() for k in _STATS}, evaluated.detach()
+
+
+def _ddp_worker(rank: int, world: int, states: dict, x: torch.Tensor, t: torch.Tensor, x2: torch.Tensor) -> dict:
     n = x.shape[0] // world
     sl = slice(rank * n, (rank + 1) * n)
     results = {}
     for mode, state in states.items():
-        m = IntraBatchAttention(DIM, HEADS, mode=mode, chunk_size=3).to(DT)
+        m = IntraBatchAttention(DIM, HEADS, mode=mode, chunk_size=3, bank_size=4).to(DT)
         m.load_state_dict(state)
-        m.train()
-        xl = x[sl].clone().requires_grad_(True)
-        out = m(xl)
-        ((out * t[sl]).sum() / n).backward()
+        out, xgrad, stats, evaluated = _train_twice(m, x[sl], t[sl], x2[sl], n)
         ddp_average_grads(m)
-        results[mode] = (out.detach(), xl.grad, {k: p.grad for k, p in m.named_parameters()})
+        results[mode] = (out, xgrad, {k: p.grad for k, p in m.named_parameters()}, stats, evaluated)
     return results
 
 
 def test_distributed_equivalence_miba_eiba() -> None:
+    """2 gloo ranks == one process: outputs, gradients, and the training statistics (identical on every rank,
+    equal to the single process's), hence independent eval too."""
     states = {mode: _make(mode, seed=i).state_dict() for i, mode in enumerate(["mean", "element"])}
-    x, t = _x(b=6), _x(b=6, seed=2)
-    results = run_distributed(_ddp_worker, 2, states, x, t)
+    x, t, x2 = _x(b=6), _x(b=6, seed=2), _x(b=6, seed=3)
+    results = run_distributed(_ddp_worker, 2, states, x, t, x2)
     for mode, state in states.items():
-        m = IntraBatchAttention(DIM, HEADS, mode=mode).to(DT)
+        m = IntraBatchAttention(DIM, HEADS, mode=mode, bank_size=4).to(DT)
         m.load_state_dict(state)
-        xf = x.clone().requires_grad_(True)
-        out = m.train()(xf)
-        ((out * t).sum() / x.shape[0]).backward()
+        out, xgrad, stats, evaluated = _train_twice(m, x, t, x2, x.shape[0])
+        assert int(stats["train_batch_size"]) == 6 and int(stats["num_batches_tracked"]) == 2
+        assert stats["bank_k"].shape[0] == (4 if mode == "element" else 0)
         for r, res in enumerate(results):
-            out_r, xgrad_r, grads_r = res[mode]
+            out_r, xgrad_r, grads_r, stats_r, eval_r = res[mode]
             sl = slice(3 * r, 3 * r + 3)
-            torch.testing.assert_close(out_r, out[sl].detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out_r, out[sl], atol=1e-5, rtol=1e-5)
             # per-rank objective is the mean over its half: its input gradient is W x the global objective's
-            torch.testing.assert_close(xgrad_r / 2, xf.grad[sl], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(xgrad_r / 2, xgrad[sl], atol=1e-5, rtol=1e-5)
             for k, p in m.named_parameters():
                 torch.testing.assert_close(grads_r[k], p.grad, atol=1e-5, rtol=1e-5, msg=f"{mode}: grad of {k}")
+            for k in _STATS:
+                torch.testing.assert_close(stats_r[k], stats[k], atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
+                torch.testing.assert_close(stats_r[k], results[0][mode][3][k], atol=0, rtol=0)  # rank == rank 0
+            torch.testing.assert_close(eval_r, evaluated[sl], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.cuda

@@ -1,189 +1,102 @@
 """Intra-batch attention, MIBA and EIBA (IBAFormer, Sun et al. 2023, arXiv:2309.06282).
 
-Transformer attention whose queries also attend to the *other* images of the mini-batch, to diversify the
-context seen during training (the paper's aim: domain generalisation of SegFormer).
+Transformer attention whose queries also attend to the *other* images of the mini-batch.
 
 What is the paper's and what is ours
 ------------------------------------
-Paper (METHODS.md section 3), per head, with ``Q_b, K_b, V_b ∈ R^{N×d}`` of sample b:
+Paper (only its abstract could be read): intra-batch attention lets a sample attend to the other images of
+the batch to diversify the context seen in training, for domain generalisation (SegFormer MiT-B5,
+GTAV -> Cityscapes/BDD/Mapillary); it comes in two forms named *mean-based* (MIBA) and *element-wise* (EIBA),
+and it is integrated with self-attention.
 
-* self-attention ``SA_b = softmax(Q_b K_bᵀ/√d) V_b``;
-* MIBA (mean-based) ``softmax(Q_b K̄ᵀ/√d) V̄`` with ``K̄, V̄`` the batch means over all samples including b;
-* EIBA (element-wise) ``(1/B) Σ_j softmax(Q_b K_jᵀ/√d) V_j`` over all j including b.
+Library choices (our reconstruction from those names; the paper's equations were not available):
 
-Library choices:
+* Per head, with ``Q_b, K_b, V_b ∈ R^{N×d}`` of sample b: self-attention ``SA_b = softmax(Q_b K_bᵀ/√d) V_b``;
+  MIBA ``softmax(Q_b K̄ᵀ/√d) V̄`` with ``K̄, V̄`` the batch means over all samples including b (per token
+  position); EIBA ``(1/B) Σ_j softmax(Q_b K_jᵀ/√d) V_j`` over all j including b.
+* q/k/v come from one shared projection (the one SA uses) and, when the batch is used, the block output is
+  ``proj(½ (SA + IBA))``; so a batch of one and a batch of identical samples reduce exactly to plain multi-head
+  self-attention.
+* **Independent eval sees what training saw.** Training keeps, like BatchNorm's running statistics, buffers
+  that a checkpoint carries: running means ``K̄_run, V̄_run`` of the batch means (momentum ``momentum``, a
+  cumulative average over the first ``1/momentum`` steps), the training batch size ``B_t``, and (EIBA) a bank
+  of the keys/values of the last ``bank_size`` training samples. ``eval_mode="independent"`` then computes
+  ``proj(½ (SA + IBA_eval))`` per sample, from those buffers only, where ``IBA_eval`` is the expected training
+  term given the sample itself (its own weight in a batch of ``B_t`` is ``1/B_t``):
 
-* q/k/v come from one shared projection (the same one SA uses) and the block output is
-  ``proj(½ (SA + IBA))``; so batch size 1, a batch of identical samples and ``eval_mode="independent"`` (where
-  the output is ``proj(SA)``) all reduce exactly to plain multi-head self-attention.
+  - ``eval_form="running"``: MIBA against ``K̃_b = K_b/B_t + (1 - 1/B_t) K̄_run`` (and ``Ṽ_b`` likewise);
+  - ``eval_form="bank"`` (EIBA only): ``SA_b/B_t + (1 - 1/B_t) · (1/M) Σ_m softmax(Q_b K_mᵀ/√d) V_m`` over the
+    M banked training samples: EIBA's average of attentions is not a function of any mean statistic, so its
+    counterpart is the same average over a fixed set of real training samples;
+  - ``eval_form="sa"``: self-attention alone (the previous behaviour: the sample-specific signal is about
+    twice what training saw).
+
+  ``eval_form=None`` (default) picks the form measured best on the domain-shift protocol (see the docs):
+  ``"running"`` for MIBA and ``"bank"`` for EIBA. A layer without statistics (never trained, or loaded from
+  a checkpoint written before they existed, which warns) evaluates as self-attention alone.
 * Global batch under ``torch.distributed``: MIBA's means are all-reduced sums over the global count; EIBA
   gathers K and V with a gradient-carrying all-gather, so every query attends to every sample of the global
-  batch.
-* EIBA is computed in blocks of (query sample, key sample) pairs: per head, one GEMM of the block's queries
-  against the keys of all its key samples, a softmax over each key sample's keys separately, and one GEMM with
-  the values that also sums over the key samples (no per-pair copies). Its working memory is
-  O(chunk · heads · N²) instead of O(B² · heads · N²). In training each block is recomputed in backward
-  (activation checkpointing, ``checkpoint_chunks=True``) so that the memory kept for backward stays bounded
-  too, at the cost of one extra forward of the block. ``chunk_size=None`` picks a block from a fixed budget.
-* Self-attention and MIBA use :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels where
-  available; EIBA's per-key-sample softmax is not an SDPA pattern). Batch means, the EIBA softmax and its sum
-  over samples run in float32 (float64 for float64 input) under autocast.
+  batch. The running means are of those global means and the bank holds gathered samples, so every rank's
+  buffers are identical.
+* Kernels (:mod:`batchmates.nn._iba_ops`): SA and MIBA use
+  :func:`torch.nn.functional.scaled_dot_product_attention`; EIBA runs in blocks of (query sample, key sample)
+  pairs with a per-key-sample softmax, memory O(chunk · heads · N²), optionally recomputed in backward
+  (``checkpoint_chunks``). Batch means and the EIBA softmax run in float32 or higher under autocast.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from batchmates import distributed
 from batchmates.models.vit import register_token_mixer
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
+from batchmates.nn._iba_ops import (
+    IBA_MODES,
+    acc_dtype,
+    attend_to_means,
+    batch_means,
+    check_mode,
+    element_batch_attention,
+    intra_batch_attention,
+    mean_batch_attention,
+)
 
-__all__ = ["IntraBatchAttention", "intra_batch_attention", "IBA_MODES"]
+__all__ = [
+    "IntraBatchAttention",
+    "intra_batch_attention",
+    "mean_batch_attention",
+    "element_batch_attention",
+    "IBA_MODES",
+    "EVAL_FORMS",
+    "DEFAULT_EVAL_FORM",
+]
 
-IBA_MODES: tuple[str, ...] = ("mean", "element")
-_MODE_ALIASES = {"mean": "mean", "miba": "mean", "element": "element", "eiba": "element"}
-
-# Elements of one chunk's largest intermediate (scores or copied q/k/v) when chunk_size is None: 2**25 values
-# (128 MiB in float32).
-_AUTO_CHUNK_ELEMENTS = 2**25
+EVAL_FORMS: tuple[str, ...] = ("running", "bank", "sa")
+DEFAULT_EVAL_FORM: dict[str, str] = {"mean": "running", "element": "bank"}
+_STAT_TENSORS = ("running_k", "running_v", "bank_k", "bank_v")  # shapes known after the first training batch
+_STAT_COUNTS = ("num_batches_tracked", "train_batch_size")
 
 
-def _check_mode(mode: str) -> str:
-    if not isinstance(mode, str) or mode.lower() not in _MODE_ALIASES:
+def _check_eval_form(form: str | None, mode: str) -> str | None:
+    if form is None:
+        return None
+    if form not in EVAL_FORMS:
         raise ValueError(
-            f"mode must be 'mean' (MIBA, attend to the batch-mean keys/values) or 'element' (EIBA, average of "
-            f"attention to every sample); got {mode!r}"
+            f"eval_form must be None (the default for the mode), 'running' (running batch means), 'bank' (EIBA: "
+            f"a bank of training keys/values) or 'sa' (self-attention alone); got {form!r}"
         )
-    return _MODE_ALIASES[mode.lower()]
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor [B, heads, N, d], got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be a per-head tensor [B, heads, N, d], got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+    if form == "bank" and mode != "element":
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in heads (dim 1) and head width (dim 3)"
+            "eval_form='bank' needs mode='element' (EIBA fills the bank from the keys/values it gathers); use "
+            "eval_form='running' with mode='mean'"
         )
-    if q.shape[0] == 0 or k.shape[0] == 0:
-        raise ValueError("q and k must hold at least one sample (dim 0)")
-
-
-def mean_batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
-    """MIBA: ``softmax(Q_b K̄ᵀ/√d) V̄`` with K̄, V̄ the (global) batch means of ``k, v``. Shapes ``[B, h, N, d]``."""
-    acc = _acc_dtype(k)
-    if gather and distributed.is_distributed():
-        count = distributed.global_count(k.shape[0], k.device)
-        k_bar = distributed.all_reduce_sum(k.sum(0, keepdim=True, dtype=acc)) / count
-        v_bar = distributed.all_reduce_sum(v.sum(0, keepdim=True, dtype=acc)) / count
-    else:
-        k_bar, v_bar = k.mean(0, keepdim=True, dtype=acc), v.mean(0, keepdim=True, dtype=acc)
-    b = q.shape[0]
-    k_bar = k_bar.to(q.dtype).expand(b, -1, -1, -1)
-    v_bar = v_bar.to(q.dtype).expand(b, -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k_bar, v_bar)
-
-
-def _eiba_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Σ_j softmax(q_b k_jᵀ/√d) v_j`` for a block: q ``[bq, h, N, d]``, k/v ``[bk, h, M, d]`` -> ``[bq, h, N, d]``.
-
-    All queries of the block against the keys of all its key samples in one GEMM per head, a softmax over each
-    key sample's M keys separately (in float32 or higher), and a second GEMM that also sums over the key samples.
-    No per-pair copies of q, k or v are made.
-    """
-    bq, h, n, d = q.shape
-    bk, _, m, e = v.shape
-    acc = _acc_dtype(q)
-    qh = (q * d**-0.5).transpose(0, 1).reshape(h, bq * n, d)
-    kh = k.transpose(0, 1).reshape(h, bk * m, d)
-    vh = v.transpose(0, 1).reshape(h, bk * m, e)
-    scores = torch.bmm(qh, kh.transpose(1, 2)).view(h, bq * n, bk, m)
-    probs = torch.softmax(scores, dim=-1, dtype=acc).view(h, bq * n, bk * m)
-    out = torch.bmm(probs.to(vh.dtype), vh)  # [h, bq*N, e], summed over the bk key samples
-    return out.view(h, bq, n, e).transpose(0, 1)
-
-
-def element_batch_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-    checkpoint_chunks: bool = True,
-) -> torch.Tensor:
-    """EIBA: ``(1/B') Σ_j softmax(Q_b K_jᵀ/√d) V_j`` for every query sample b over all B' key samples j.
-
-    ``q`` is ``[B, h, N, d]``; ``k, v`` are ``[B', h, M, d]`` (B' = B in one process; the gathered global batch
-    under ``torch.distributed``). The work is split into blocks of at most ``chunk_size`` (query, key) sample
-    pairs (``None``: as many as fit 2**25 score elements), so the scores held at once are
-    O(chunk_size · h · N · M). With ``checkpoint_chunks`` and autograd on, each block is recomputed in backward,
-    so the memory kept for backward does not grow with B·B' either.
-    """
-    b, h, n, d = q.shape
-    b_keys, m = k.shape[0], k.shape[2]
-    if chunk_size is None:
-        chunk_size = max(1, _AUTO_CHUNK_ELEMENTS // (h * n * m))
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(
-            f"chunk_size must be a positive int (query-key sample pairs per chunk) or None, got {chunk_size!r}"
-        )
-    bk = min(b_keys, chunk_size)
-    bq = max(1, chunk_size // bk)
-    blocks = -(-b // bq) * -(-b_keys // bk)
-    use_ckpt = checkpoint_chunks and blocks > 1 and torch.is_grad_enabled()
-    acc = _acc_dtype(q)
-    outs = []
-    for i in range(0, b, bq):
-        total = None
-        for j in range(0, b_keys, bk):
-            args = (q[i : i + bq], k[j : j + bk], v[j : j + bk])
-            part = checkpoint(_eiba_block, *args, use_reentrant=False) if use_ckpt else _eiba_block(*args)
-            part = part.to(acc)
-            total = part if total is None else total + part
-        outs.append(total)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return (out / b_keys).to(q.dtype)
-
-
-def intra_batch_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mode: str = "mean",
-    chunk_size: int | None = None,
-    *,
-    gather: bool = True,
-    checkpoint_chunks: bool = True,
-) -> torch.Tensor:
-    """Intra-batch attention on per-head tensors (arXiv:2309.06282): ``[B, h, N, d]`` each -> ``[B, h, N, d]``.
-
-    ``mode="mean"`` is MIBA, ``mode="element"`` is EIBA (aliases ``"miba"``/``"eiba"``). Returns only the
-    IBA term (not ``½(SA + IBA)``, which :class:`IntraBatchAttention` forms). Under ``torch.distributed`` with
-    ``gather=True`` the batch is the global one (MIBA: all-reduced means; EIBA: K, V gathered with gradient).
-    ``chunk_size`` (EIBA only): query-key sample pairs per chunk, ``None`` for automatic.
-    """
-    mode = _check_mode(mode)
-    _check_qkv(q, k, v)
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q, k and v must hold the same samples (dim 0), got {q.shape[0]} and {k.shape[0]}")
-    if mode == "mean":
-        return mean_batch_attention(q, k, v, gather=gather)
-    if gather and distributed.is_distributed():
-        k, v = distributed.gather(k), distributed.gather(v)
-    return element_batch_attention(q, k, v, chunk_size=chunk_size, checkpoint_chunks=checkpoint_chunks)
+    return form
 
 
 class IntraBatchAttention(nn.Module):
@@ -192,14 +105,18 @@ class IntraBatchAttention(nn.Module):
     A drop-in token mixer (the attention sub-layer of a transformer block). With ``qkv`` the shared projection,
     per head ``SA_b = softmax(Q_b K_bᵀ/√d) V_b`` and ``IBA`` is MIBA (``mode="mean"``) or EIBA
     (``mode="element"``); the output is ``proj(½(SA + IBA))`` when the batch is used (training, or eval with
-    ``eval_mode="batch"``) and ``proj(SA)`` in independent eval. See the module docstring for the paper/library
-    split.
+    ``eval_mode="batch"``) and ``proj(½(SA + IBA_eval))`` from training statistics in independent eval. The
+    formulas are our reconstruction; see the module docstring for the paper/library split.
 
     Args:
         dim: D, the token width (divisible by ``num_heads``).
         num_heads: number of heads.
         mode: ``"mean"`` (MIBA, default) or ``"element"`` (EIBA); aliases ``"miba"``, ``"eiba"``.
         eval_mode: ``"independent"`` (default) or ``"batch"``.
+        eval_form: independent-eval form: ``"running"``, ``"bank"`` (EIBA only), ``"sa"``, or ``None`` (default:
+            ``"running"`` for MIBA, ``"bank"`` for EIBA).
+        momentum: weight of the newest batch in the running means, in (0, 1] (as BatchNorm's).
+        bank_size: training samples whose keys/values EIBA keeps for ``eval_form="bank"``.
         chunk_size: EIBA query-key sample pairs per chunk (``None``: automatic from a memory budget).
         gather: relate the global batch under ``torch.distributed`` (default) or only the local one.
         qkv_bias: bias in the shared q/k/v projection.
@@ -215,6 +132,9 @@ class IntraBatchAttention(nn.Module):
         mode: str = "mean",
         eval_mode: str = "independent",
         *,
+        eval_form: str | None = None,
+        momentum: float = 0.1,
+        bank_size: int = 64,
         chunk_size: int | None = None,
         gather: bool = True,
         qkv_bias: bool = True,
@@ -228,24 +148,108 @@ class IntraBatchAttention(nn.Module):
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be a number in (0, 1] (weight of the newest batch), got {momentum!r}")
+        if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 1:
+            raise ValueError(f"bank_size must be a positive int (training samples kept for EIBA), got {bank_size!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.mode = _check_mode(mode)
+        self.mode = check_mode(mode)
         self.eval_mode = check_eval_mode(eval_mode)
+        self.eval_form = _check_eval_form(eval_form, self.mode)
+        self.momentum = float(momentum)
+        self.bank_size = bank_size
         self.chunk_size = chunk_size
         self.gather = gather
         self.checkpoint_chunks = checkpoint_chunks
         self.check_finite = check_finite
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        for name in _STAT_TENSORS:
+            self.register_buffer(name, torch.zeros(0))
+        for name in _STAT_COUNTS:
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, eval_mode={self.eval_mode!r}, "
+            f"eval_form={self.resolved_eval_form!r}, momentum={self.momentum}, bank_size={self.bank_size}, "
             f"chunk_size={self.chunk_size}, gather={self.gather}"
         )
 
+    @property
+    def resolved_eval_form(self) -> str:
+        """The independent-eval form in use (``eval_form``, or the default for ``mode`` when it is ``None``)."""
+        form = _check_eval_form(self.eval_form, self.mode)
+        return form if form is not None else DEFAULT_EVAL_FORM[self.mode]
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether training statistics exist (at least one training batch since construction or loading)."""
+        return self.running_k.numel() > 0
+
+    def reset_running_stats(self) -> None:
+        """Forget the training statistics (independent eval is then self-attention alone until trained)."""
+        for name in _STAT_TENSORS:
+            getattr(self, name).resize_(0)
+        for name in _STAT_COUNTS:
+            getattr(self, name).zero_()
+
+    # ------------------------------------------------------------------ statistics
+    @staticmethod
+    def _store(buf: torch.Tensor, value: torch.Tensor, what: str) -> bool:
+        """Size an empty buffer like ``value`` and copy it in (True), or check its shape matches (False)."""
+        if buf.numel() == 0:
+            buf.resize_(value.shape).copy_(value)
+            return True
+        if buf.shape[-3:] != value.shape[-3:]:
+            raise ValueError(
+                f"IntraBatchAttention: {what} were collected for [heads, tokens, head_dim] = {list(buf.shape[-3:])} "
+                f"but this batch has {list(value.shape[-3:])}; the token count must stay fixed (call "
+                "reset_running_stats() to start over)"
+            )
+        return False
+
+    @torch.no_grad()
+    def _track(self, k_bar: torch.Tensor, v_bar: torch.Tensor, count: int, k_all: torch.Tensor | None,
+               v_all: torch.Tensor | None) -> None:
+        self.num_batches_tracked.add_(1)
+        self.train_batch_size.fill_(count)
+        for buf, new in ((self.running_k, k_bar[0]), (self.running_v, v_bar[0])):
+            new = new.detach().to(buf.dtype)
+            if not self._store(buf, new, "running means"):
+                weight = (1.0 / self.num_batches_tracked.to(buf.dtype)).clamp(min=self.momentum)
+                buf.lerp_(new, weight)
+        if k_all is None or v_all is None:
+            return
+        for buf, new in ((self.bank_k, k_all), (self.bank_v, v_all)):
+            new = new.detach()[-self.bank_size :].to(buf.dtype)
+            if not self._store(buf, new, "banked keys/values"):
+                kept = torch.cat([buf, new])[-self.bank_size :]
+                buf.resize_(kept.shape).copy_(kept)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        absent = [n for n in (*_STAT_TENSORS, *_STAT_COUNTS) if prefix + n not in state_dict]
+        if absent:
+            if prefix + "running_k" in absent:
+                warnings.warn(
+                    f"IntraBatchAttention {prefix.rstrip('.') or '(root)'}: the checkpoint has no running statistics "
+                    "(written before they existed, or by a self-attention layer); independent eval uses "
+                    "self-attention alone until the layer is trained again",
+                    stacklevel=2,
+                )
+            for n in absent:  # a checkpoint without statistics loads as "no statistics"
+                state_dict[prefix + n] = torch.zeros(0) if n in _STAT_TENSORS else torch.zeros((), dtype=torch.long)
+        for n in _STAT_TENSORS:  # statistics are sized by the data: take the checkpoint's shape
+            own, saved = getattr(self, n), state_dict[prefix + n]
+            if isinstance(saved, torch.Tensor) and own.shape != saved.shape:
+                own.resize_(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"IntraBatchAttention: x must be a torch.Tensor [B, N, D], got {type(x).__name__}")
@@ -262,17 +266,54 @@ class IntraBatchAttention(nn.Module):
         if finite_check_enabled(self.check_finite, x) and not bool(torch.isfinite(x).all()):
             raise ValueError("IntraBatchAttention: x contains NaN/Inf values (pass check_finite=False to skip)")
 
+    def _batch_term(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The IBA term over the (global) batch; in training it also updates the statistics."""
+        if self.mode == "mean":
+            k_bar, v_bar, count = batch_means(k, v, gather=self.gather)
+            if self.training:
+                self._track(k_bar, v_bar, count, None, None)
+            return attend_to_means(q, k_bar, v_bar)
+        if self.gather and distributed.is_distributed():
+            k, v = distributed.gather(k), distributed.gather(v)
+        if self.training:
+            acc = acc_dtype(k)
+            self._track(k.mean(0, keepdim=True, dtype=acc), v.mean(0, keepdim=True, dtype=acc), k.shape[0], k, v)
+        return element_batch_attention(q, k, v, chunk_size=self.chunk_size, checkpoint_chunks=self.checkpoint_chunks)
+
+    def _eval_term(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sa: torch.Tensor) -> torch.Tensor | None:
+        """``IBA_eval`` from the training statistics only (None: self-attention alone)."""
+        form = self.resolved_eval_form
+        if form == "sa" or not self.has_statistics:
+            return None
+        if self.running_k.shape[1] != q.shape[2]:
+            raise ValueError(
+                f"IntraBatchAttention: the running statistics are for {self.running_k.shape[1]} tokens but x has "
+                f"{q.shape[2]}; evaluate at the training resolution (or eval_form='sa')"
+            )
+        acc = acc_dtype(q)
+        own = 1.0 / self.train_batch_size.clamp(min=1).to(acc)  # weight of the sample itself in a training batch
+        if form == "running":
+            k_t = torch.lerp(self.running_k.to(acc).unsqueeze(0), k.to(acc), own)
+            v_t = torch.lerp(self.running_v.to(acc).unsqueeze(0), v.to(acc), own)
+            return attend_to_means(q, k_t, v_t)
+        if self.bank_k.numel() == 0:
+            raise ValueError(
+                "IntraBatchAttention: eval_form='bank' needs the key/value bank that training with mode='element' "
+                "fills, and this layer has none; use eval_form='running' or 'sa'"
+            )
+        bank = element_batch_attention(q, self.bank_k.to(q.dtype), self.bank_v.to(q.dtype),
+                                       chunk_size=self.chunk_size, checkpoint_chunks=False)
+        return torch.lerp(bank.to(acc), sa.to(acc), own).to(q.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, N, d] each
         out = F.scaled_dot_product_attention(q, k, v)
-        if uses_batch(self, self.eval_mode):
-            iba = intra_batch_attention(
-                q, k, v, self.mode, self.chunk_size, gather=self.gather, checkpoint_chunks=self.checkpoint_chunks
-            )
-            out = torch.lerp(out, iba, 0.5)  # ½(SA + IBA) in one kernel; exactly SA when IBA == SA
+        iba = self._batch_term(q, k, v) if uses_batch(self, self.eval_mode) else self._eval_term(q, k, v, out)
+        if iba is not None:
+            out = torch.lerp(out, iba.to(out.dtype), 0.5)  # ½(SA + IBA) in one kernel; exactly SA when IBA == SA
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
 
 
