@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchmates.bench.runner import BENCH_GROUPS  # the group table, for the `bench` choices (imports no torch)
+from batchmates.config import PROTOCOLS, add_run_arguments, settings_from_args  # the run-setting schema (no torch)
 
 __all__ = ["main", "build_parser"]
 
@@ -29,60 +30,12 @@ def _epilog(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------- arguments
 def _add_run_args(p: argparse.ArgumentParser, *, single: bool) -> None:
-    """Settings shared by ``train`` and ``compare`` (default None = the method's default for the dataset)."""
-    g = p.add_argument_group("data and model")
-    if single:
-        g.add_argument("--method", help="method to train (see `batchmates methods`), e.g. ce")
-    g.add_argument("--data", help="dataset: digits, fashion-mnist, cifar10, cifar100, stl10, flowers102, "
-                                  "imagefolder:PATH (see `batchmates data list`)")
-    g.add_argument("--data-dir", help="where the dataset files are (else $BATCHMATES_DATA, system paths, cache)")
-    g.add_argument("--download", action="store_const", const=True, help="download missing files where possible")
-    g.add_argument("--backbone", help="cnn, resnet-small, resnet18, vit-tiny (default: per method and dataset)")
-    g.add_argument("--attn-layer", help="attention in every residual block: none, se, ba2m")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="training epochs (>= 1)")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (-1: no limit)")
-    g.add_argument("--batch-size", type=int, help="global batch size (split over --devices)")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimiser")
-    g.add_argument("--momentum", type=float, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, help="weight decay (not on biases and norms)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up length before the cosine decay")
-    if single:
-        g.add_argument("--seed", type=int, help="random seed (data order, init, augmentation)")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--precision", choices=["32-true", "64-true", "bf16-mixed", "16-mixed"], help="numeric precision")
-    g.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"], help="device type")
-    g.add_argument("--devices", type=int, help="devices/processes (DDP when > 1 with --strategy ddp)")
-    g.add_argument("--strategy", choices=["auto", "ddp", "ddp_spawn"], help="Lightning strategy")
-    g.add_argument("--num-workers", type=int, help="DataLoader workers for file-backed datasets")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--deterministic", action="store_const", const=True, help="deterministic algorithms only")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--protocol", action="append", choices=["accuracy", "knn", "linear"], dest="eval_protocols",
-                   help="evaluation protocol after training (repeatable; default all three)")
-    g.add_argument("--label-noise", type=float, help="fraction of symmetric label noise on the training split")
-    g.add_argument("--eval-mode", choices=["independent", "batch"],
-                   help="inference of batch-relational modules: independent (default) or batch")
-    g = p.add_argument_group("output")
-    if single:
-        g.add_argument("--out", help="run directory (config.yaml, metrics.json, last.ckpt, curves.png, tb/)")
-    g.add_argument("--checkpoint-every", type=int, dest="checkpoint_every_n_steps",
-                   help="also write last.ckpt every N optimiser steps (0: only at epoch ends)")
-    g.add_argument("--no-progress", action="store_const", const=False, dest="progress", help="no progress bar")
+    """The run settings of ``train`` and ``compare``, generated from the schema of :class:`RunConfig` (compare
+    sets the method, seed and output directory per run, so it has no flags for them)."""
+    add_run_arguments(p, exclude=() if single else ("method", "seed", "out"))
     p.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method option (repeatable); `batchmates methods` lists each method's options"
                    + ("" if single else "; in compare prefix the method: --opt supcon.temperature=0.1"))
-
-
-_CFG_KEYS = ("method", "data", "data_dir", "download", "backbone", "attn_layer", "epochs", "max_steps", "batch_size",
-             "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs", "seed", "out", "precision",
-             "accelerator", "devices", "strategy", "num_workers", "threads", "deterministic", "eval_protocols",
-             "label_noise", "eval_mode", "checkpoint_every_n_steps", "progress")
-
-
-def _explicit(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _CFG_KEYS if getattr(args, k, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,30 +96,43 @@ def build_parser() -> argparse.ArgumentParser:
             """),
     )
     p.add_argument("run_dir", metavar="DIR", help="a directory written by `batchmates train`")
-    p.add_argument("--protocol", action="append", choices=["accuracy", "knn", "linear"],
-                   help="protocol (repeatable; default all three)")
+    p.add_argument("--protocol", action="append", choices=PROTOCOLS, help="protocol (repeatable; default all three)")
     p.add_argument("--corruptions", action="store_true", help="also evaluate on corrupted test sets (domain shift)")
     p.add_argument("--severity", action="append", type=int, help="corruption severity 1-5 (repeatable; default all)")
     p.add_argument("--kind", action="append", help="corruption kind (repeatable; default all)")
     p.add_argument("--device", default="cpu", help="device for feature extraction, e.g. cpu or cuda")
 
     p = sub.add_parser(
-        "compare", help="train methods x seeds and tabulate mean ± std", formatter_class=_Formatter,
-        description="Train every method for every seed into OUT/<method>/seed<k> (finished runs are skipped, "
-                    "interrupted ones resumed), evaluate them, and write OUT/results.md, OUT/results.json and "
-                    "OUT/accuracy.png.",
+        "compare", help="train methods or named variants x seeds and tabulate mean ± std", formatter_class=_Formatter,
+        description="Train every variant (a method, plus run settings, plus method options) for every seed into "
+                    "OUT/<variant>/seed<k>, evaluate them, and write OUT/results.md, OUT/results.json and "
+                    "OUT/accuracy.png. Every run's configuration is checked before the first run starts; finished "
+                    "runs are skipped and interrupted ones resumed. A variant is METHOD[@SETTING]...[+OPTION]...: "
+                    "@KEY=VALUE sets a run setting (or @bN batch size, @noiseF label noise, @epN epochs, @stepsN "
+                    "max steps, @lrF learning rate), +KEY=VALUE a method option, and NAME: in front names it. "
+                    "Settings: flags < variant. With --variants-file: file settings < flags < variant.",
         epilog=_epilog("""
             examples:
               batchmates compare --methods all --data digits --seeds 2 --out runs/demo
               batchmates compare --methods ce,supcon --data fashion-mnist --seeds 3 --epochs 5 --out runs/fm
-              batchmates compare --methods ce,btn --data digits --label-noise 0.2 --out runs/noisy
+              batchmates compare --variants ce ce@noise0.4 btn@noise0.4 --data digits --out runs/noisy
+              batchmates compare --variants simclr@b32 "simclr@b32+curate=frd-pairwise" --out runs/curate
+              batchmates compare --variants "se:ce@attn_layer=se" ce --data digits --out runs/se
               batchmates compare --methods ce,ibaformer --data digits --corruptions --out runs/shift
+              batchmates compare --variants-file docs/study.yaml --out runs/study --threads 1
             """),
     )
-    p.add_argument("--methods", default="all", help="'all' (every method supporting --data) or a list: ce,supcon")
-    p.add_argument("--seeds", default="1", help="number of seeds N (seeds 0..N-1) or a list like 0,3,7")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--methods", help="'all' (every method supporting --data; the default) or a list: ce,supcon")
+    what.add_argument("--variants", nargs="+", metavar="SPEC", help="named variants, e.g. ce ce@noise0.4 "
+                      "'simclr@b32+curate=frd-pairwise' (see the description)")
+    what.add_argument("--variants-file", metavar="FILE", help="a YAML file of variants, with optional common "
+                      "settings and seeds (see batchmates.training.variants)")
+    p.add_argument("--seeds", help="number of seeds N (seeds 0..N-1) or a list like 0,3,7 (default: 1, or the "
+                   "file's seeds)")
     p.add_argument("--out", default="runs/compare", help="output directory")
     p.add_argument("--corruptions", action="store_true", help="also evaluate on corrupted test sets")
+    p.add_argument("--severity", action="append", type=int, help="corruption severity 1-5 (repeatable; default all)")
     _add_run_args(p, single=False)
 
     p = sub.add_parser("data", help="datasets: `batchmates data list`", formatter_class=_Formatter,
@@ -220,15 +186,15 @@ def _method_help(name: str, data: str = "digits") -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from batchmates.training.config import RunConfig, parse_opt_assignments
+    from batchmates.config import RunConfig, parse_opt_assignments
     from batchmates.training.run import resume, train
 
+    given = settings_from_args(args)
     if args.help_method:
-        if not args.method:
+        if "method" not in given:
             raise CLIError("--help-method needs --method NAME (or run `batchmates methods`)")
-        print(_method_help(args.method, args.data or "digits"))
+        print(_method_help(given["method"], given.get("data", "digits")))
         return 0
-    given = _explicit(args)
     opts = parse_opt_assignments(args.opt)
     if args.resume:
         extra = set(given) - {"progress", "threads"}
@@ -253,7 +219,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.pretty import Pretty
 
-    from batchmates.training.config import PROTOCOLS
     from batchmates.training.evaluate import evaluate
 
     res = evaluate(args.run_dir, args.protocol or list(PROTOCOLS), corruptions=args.corruptions,
@@ -263,7 +228,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_seeds(text: str) -> int | list[int]:
+def _parse_seeds(text: str | int | list[int]) -> int | list[int]:
+    if isinstance(text, int | list):
+        return text
     try:
         if "," in text:
             return [int(s) for s in text.split(",") if s.strip()]
@@ -276,21 +243,30 @@ def _parse_seeds(text: str) -> int | list[int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from batchmates.config import RunConfig, parse_opt_assignments
     from batchmates.training.compare import compare
-    from batchmates.training.config import RunConfig, parse_opt_assignments
+    from batchmates.training.variants import load_variants_file
 
-    given = _explicit(args)
+    seeds: Any = args.seeds
+    file_settings: dict[str, Any] = {}
+    if args.variants_file:
+        variants, file_settings, file_seeds = load_variants_file(args.variants_file)
+        seeds = seeds if seeds is not None else file_seeds
+    else:
+        variants = args.variants or args.methods or "all"
+    given = {**file_settings, **settings_from_args(args, exclude=("out",))}  # --out: the compare's directory
     data = given.pop("data", "digits")
     label_noise = given.pop("label_noise", 0.0)
-    protocols = given.pop("eval_protocols", None) or ["accuracy", "knn", "linear"]
+    protocols = given.pop("eval_protocols", None) or list(PROTOCOLS)
     per_method: dict[str, dict[str, str]] = {}
     for key, value in parse_opt_assignments(args.opt).items():
         if "." not in key:
             raise CLIError(f"--opt {key}={value}: in compare, prefix the method, e.g. --opt supcon.{key}={value}")
         m, k = key.split(".", 1)
         per_method.setdefault(m, {})[k] = value
-    res = compare(args.methods, data, _parse_seeds(args.seeds), args.out, RunConfig(**given), protocols=protocols,
-                  label_noise=label_noise, corruptions=args.corruptions, method_options=per_method)
+    res = compare(variants, data, _parse_seeds(seeds if seeds is not None else "1"), args.out, RunConfig(**given),
+                  protocols=protocols, label_noise=label_noise, corruptions=args.corruptions,
+                  severities=args.severity, method_options=per_method)
     return 1 if res["failed"] else 0
 
 
@@ -345,9 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from batchmates.config import ConfigError, RunError
     from batchmates.methods.registry import UnknownMethodError
-    from batchmates.training.config import ConfigError
-    from batchmates.training.run import RunError
 
     try:
         return COMMANDS[args.command](args)

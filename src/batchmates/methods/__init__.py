@@ -1,10 +1,17 @@
 """Trainable methods: a registry of :class:`Method` LightningModules (``batchmates train --method NAME``).
 
 Adding a method is one file (a ``Method`` subclass decorated with ``@register_method("name")``) plus one import
-line below. See :mod:`batchmates.methods.base` for the hooks.
+line below. See :mod:`batchmates.methods.base` for the hooks; ``Method.from_checkpoint(path)`` rebuilds a trained
+method from its run directory without loading the dataset.
+
+Paper: none here (each method's module cites its paper).
+
+Library choices: the methods floor imports the building blocks (losses, nn, curation, models, data) and the
+bottom floor (:mod:`batchmates.config`), never the trainer.
 """
 
-from batchmates.methods.base import DataInfo, Method, set_eval_mode
+from batchmates.config import DataInfo
+from batchmates.methods.base import Method, set_eval_mode
 from batchmates.methods.registry import (
     UnknownMethodError,
     available_methods,

@@ -33,9 +33,9 @@ from typing import ClassVar
 
 from torch import nn
 
+from batchmates.config import ConfigError, Option
 from batchmates.methods.ce import CrossEntropy
 from batchmates.methods.registry import register_method
-from batchmates.training.config import ConfigError, Option
 
 __all__ = ["BA2MMethod"]
 

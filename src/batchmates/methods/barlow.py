@@ -27,13 +27,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from batchmates.config import Option, RunConfig
 from batchmates.curation import CurationResult, apply_curation
 from batchmates.data.augment import TwoViews
 from batchmates.losses import BarlowTwinsLoss
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.curation import CURATION_OPTIONS, CurationMixin
 from batchmates.methods.registry import register_method
-from batchmates.training.config import Option, RunConfig
 
 __all__ = ["BarlowTwins", "barlow_projector", "auto_projector_width"]
 

@@ -2,20 +2,22 @@
 
 How to add a method (one file plus one import line in ``methods/__init__.py``)::
 
+    from batchmates.config import Option
     from batchmates.methods.base import Method
     from batchmates.methods.registry import register_method
-    from batchmates.training.config import Option
 
     @register_method("mymethod")
     class MyMethod(Method):
         '''One line on what it does (cite the arXiv id).'''
         supervised = False            # uses labels during training?
         batch_relational = True       # does the loss/model relate samples of the batch? (then batch_size >= 2)
-        options = {"temperature": Option(float, 0.1, "softmax temperature", minimum=1e-6)}
+        options = {"temperature": Option(float, 0.1, "softmax temperature", minimum=1e-6),
+                   "width": Option(int, 0, "head width (0: the backbone's feature width)", minimum=0)}
 
         def __init__(self, cfg, info):
             super().__init__(cfg, info)           # builds self.backbone and the train augmentation
-            self.head = torch.nn.Linear(self.backbone.feature_dim, 128)
+            width = self.resolve_option("width", self.opts["width"] or self.backbone.feature_dim)
+            self.head = torch.nn.Linear(self.backbone.feature_dim, width)
             self.loss_fn = MyLoss(self.opts["temperature"])
 
         def build_train_augment(self):            # optional: e.g. two SimCLR views
@@ -35,25 +37,32 @@ Hooks a subclass may override (all optional except ``training_step``):
 
 * ``default_settings(data)`` (classmethod): per-dataset defaults (backbone, epochs, batch size, lr, optimizer,
   weight decay, warm-up) for settings the user left unset; start from ``super().default_settings(data)``.
+* ``check_config(cfg)`` (classmethod): checks of a resolved config that need the method (call ``super()``);
+  run before any run starts.
 * ``supports(data)`` (classmethod): whether the method makes sense on ``data`` (``--methods all`` uses it).
 * ``build_backbone()``, ``build_train_augment()``, ``train_views(x_uint8)``, ``embed(x)``, ``classify(x)``,
   ``parameter_groups()`` (to give some parameters another lr or no weight decay).
 
-What the base provides: backbone creation (:func:`batchmates.models.create_backbone` with the run's
-``attn_layer``), the augmentation on the training device (uint8 batch in, normalised float views out),
-deterministic per-step randomness (the RNG is re-seeded from ``(seed, global_step, rank)`` before every training
-step, so a run resumed mid-epoch reproduces the uninterrupted one), SGD-momentum/AdamW with linear warm-up then
-per-step cosine decay, validation/test top-1 of ``classify`` (on the clean, normalised test images, in eval mode,
-with every batch-relational module in its ``eval_mode``, ``"independent"`` by default), and logging of loss,
-accuracy and throughput (images/s) to the progress bar. All of this is library design, not from a paper.
+An option whose default means "the method chooses" (``0`` = automatic width, ...) records the value it resolved
+to with :meth:`Method.resolve_option`, so ``config.yaml`` and the checkpoint hold the concrete value
+(:attr:`Method.resolved_config`).
+
+Paper: none (the methods' papers are cited in their own modules).
+
+Library choices: backbone creation (:func:`batchmates.models.create_backbone` with the run's ``attn_layer``), the
+augmentation on the training device (uint8 batch in, normalised float views out), SGD-momentum/AdamW with linear
+warm-up then per-step cosine decay, validation/test top-1 of ``classify`` (on the clean, normalised test images,
+in eval mode, with every batch-relational module in its ``eval_mode``, ``"independent"`` by default), logging of
+loss and accuracy, and :meth:`Method.from_checkpoint` (rebuilds a trained method from the config and dataset
+facts every checkpoint stores, without loading the dataset). The trainer adds per-step seeding and throughput
+as callbacks (:mod:`batchmates.training.callbacks`).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning as L
@@ -61,80 +70,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchmates.training.config import ConfigError, Option, RunConfig
+from batchmates.config import CKPT_FILE, DEFAULT_SETTINGS, ConfigError, DataInfo, Option, RunConfig, RunError
+from batchmates.config import dataset_defaults as _dataset_defaults
+from batchmates.methods.registry import get_method
+from batchmates.models import set_eval_mode
+from batchmates.seeding import step_seed
 
-__all__ = ["Method", "DataInfo", "set_eval_mode", "step_seed", "DEFAULT_SETTINGS"]
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a method needs to know about its dataset (from :func:`batchmates.data.load_dataset`)."""
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    train_size: int | None = None
-    hflip: bool = True
-
-    @classmethod
-    def from_splits(cls, splits: Any) -> DataInfo:
-        train = getattr(splits, "train", None)
-        try:
-            n = len(train) if train is not None else None
-        except TypeError:
-            n = None
-        return cls(
-            name=str(splits.name),
-            num_classes=int(splits.num_classes),
-            in_channels=int(splits.in_channels),
-            image_size=int(splits.image_size),
-            mean=tuple(float(m) for m in splits.mean),
-            std=tuple(float(s) for s in splits.std),
-            train_size=n,
-            hflip=bool(getattr(splits, "hflip", True)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# Per-dataset defaults for settings the user leaves unset (library choice, sized for the hardware each dataset
-# is usually trained on: digits and Fashion-MNIST on a laptop CPU, the rest on a GPU).
-DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
-    "digits": dict(backbone="cnn", epochs=8, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=5e-4,
-                   warmup_epochs=0.0),
-    "fashion-mnist": dict(backbone="resnet-small", epochs=12, batch_size=128, lr=0.1, optimizer="sgd",
-                          weight_decay=5e-4, warmup_epochs=0.5),
-    "cifar10": dict(backbone="resnet18", epochs=100, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
-                    warmup_epochs=2.0),
-    "cifar100": dict(backbone="resnet18", epochs=100, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
-                     warmup_epochs=2.0),
-    "*": dict(backbone="resnet-small", epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=5e-4,
-              warmup_epochs=1.0),
-}
-
-
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A well-mixed 63-bit seed for training step ``step`` of run ``seed`` on ``rank`` (splitmix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB + 1) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (z ^ (z >> 31)) % 2**63
-
-
-def set_eval_mode(module: nn.Module, mode: str) -> int:
-    """Set ``eval_mode`` on every submodule that has one (``"independent"`` or ``"batch"``); returns the count."""
-    if mode not in ("independent", "batch"):
-        raise ValueError(f"eval_mode must be 'independent' (each test sample on its own) or 'batch', got {mode!r}")
-    n = 0
-    for m in module.modules():
-        if hasattr(m, "eval_mode") and isinstance(m.eval_mode, str):
-            m.eval_mode = mode
-            n += 1
-    return n
+# DataInfo, DEFAULT_SETTINGS, step_seed and set_eval_mode live below this floor; re-exported for old imports.
+__all__ = ["Method", "DataInfo", "set_eval_mode", "step_seed", "warmup_cosine", "DEFAULT_SETTINGS"]
 
 
 class Method(L.LightningModule):
@@ -151,8 +94,60 @@ class Method(L.LightningModule):
     @classmethod
     def default_settings(cls, data: str) -> dict[str, Any]:
         """Defaults for the run settings left ``None`` (backbone, epochs, batch_size, lr, ...) on ``data``."""
-        key = data if data in DEFAULT_SETTINGS else "*"
-        return dict(DEFAULT_SETTINGS[key])
+        return _dataset_defaults(data)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Checks of a resolved ``cfg`` that need this method or the registries, before anything runs.
+
+        The base checks the batch size of batch-relational methods and that ``data``, ``backbone`` and
+        ``attn_layer`` name registered datasets, backbones and attention layers (nothing is loaded or built).
+        """
+        if cls.batch_relational and cfg.batch_size < 2:
+            raise ConfigError(
+                f"batch_size must be >= 2 for the batch-relational method {cfg.method!r} (got {cfg.batch_size})"
+            )
+        from batchmates.data.datasets import resolve_dataset
+        from batchmates.models import available_attn_layers, available_backbones
+
+        try:
+            resolve_dataset(cfg.data)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data={cfg.data!r}: {e}") from None
+        attn_layers = ["none", *(n for n in available_attn_layers() if n != "none")]
+        for name, value, known in (("backbone", cfg.backbone, available_backbones()),
+                                   ("attn_layer", cfg.attn_layer, attn_layers)):
+            if value not in known:
+                raise ConfigError(f"{name}={value!r} is not registered; choose one of {known} "
+                                  f"(--{name.replace('_', '-')})")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, map_location: Any = "cpu") -> Method:
+        """Rebuild the trained method of a checkpoint file, or of a run directory's ``last.ckpt``, in eval mode.
+
+        The dataset is not loaded: every checkpoint stores the resolved config and the :class:`DataInfo`.
+        ``cfg.out`` becomes the directory the checkpoint was read from. On a subclass, the checkpoint must hold
+        that method. Checkpoints are pickles: load only files you trust.
+        """
+        path = os.fspath(path)
+        ckpt = os.path.join(path, CKPT_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(ckpt):
+            raise RunError(f"{path!r} has no {CKPT_FILE}; pass a run directory written by `batchmates train` or "
+                           "its checkpoint file")
+        state = torch.load(ckpt, map_location=map_location, weights_only=False)
+        meta = state.get("batchmates") if isinstance(state, dict) else None
+        if not isinstance(meta, dict) or not {"cfg", "info"} <= set(meta):
+            raise RunError(f"{ckpt!r} is not a batchmates checkpoint (it lacks the 'batchmates' entry with the "
+                           "run config and dataset facts)")
+        out = path if os.path.isdir(path) else (os.path.dirname(ckpt) or ".")
+        cfg = RunConfig.from_dict(meta["cfg"]).replace(out=out)
+        method_cls = get_method(meta.get("method", cfg.method))
+        if not issubclass(method_cls, cls):
+            raise RunError(f"{ckpt!r} holds a {method_cls.name!r} run, not a {cls.__name__}; use "
+                           "Method.from_checkpoint to load any method")
+        model = method_cls(cfg, DataInfo.from_dict(meta["info"]))
+        model.load_state_dict(state["state_dict"])
+        return model.eval()
 
     @classmethod
     def supports(cls, data: str) -> bool:
@@ -196,8 +191,22 @@ class Method(L.LightningModule):
         self.backbone = self.build_backbone()
         self.train_augment = self.build_train_augment()
         self.steps_per_epoch: int | None = None  # optimiser steps per epoch; set by the trainer (run.py)
-        self._last_step_time: float | None = None
-        self._throughput: float | None = None
+
+    def resolve_option(self, key: str, value: Any) -> Any:
+        """Record the concrete ``value`` an automatic option (e.g. ``0`` = "the feature width") resolved to.
+
+        Returns the parsed value. :attr:`resolved_config` (what ``config.yaml`` and the checkpoint hold) then
+        carries it, and rebuilding the method from that config gives the same model.
+        """
+        if key not in self.options:
+            raise KeyError(f"method {self.name!r} has no option {key!r}; its options: {sorted(self.options)}")
+        self.opts[key] = self.options[key].parse(key, value)
+        return self.opts[key]
+
+    @property
+    def resolved_config(self) -> RunConfig:
+        """The run config with every option as this method resolved it (no automatic values left)."""
+        return self.cfg.replace(options=dict(self.opts))
 
     def build_backbone(self) -> nn.Module:
         """The feature extractor (``forward(x) -> [N, feature_dim]``); default from the run's backbone setting."""
@@ -255,22 +264,9 @@ class Method(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {type(self).__name__} must implement training_step(batch, batch_idx)")
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Randomness of step t depends only on (seed, t, rank): exact mid-epoch resume.
-        torch.manual_seed(step_seed(self.cfg.seed, int(self.global_step), int(self.global_rank)))
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            n = _batch_size(batch) * max(1, int(self.trainer.world_size) if self._trainer is not None else 1)
-            rate = n / max(now - self._last_step_time, 1e-9)
-            self._throughput = rate if self._throughput is None else 0.9 * self._throughput + 0.1 * rate
-        self._last_step_time = now
-
-    def on_train_epoch_start(self) -> None:
-        self._last_step_time = None
-
     def log_train(self, loss: torch.Tensor, *, batch_size: int, acc: torch.Tensor | float | None = None,
                   **extra: torch.Tensor | float) -> None:
-        """Log the training loss (and accuracy, and throughput) to the progress bar and the loggers."""
+        """Log the training loss (and accuracy, and extra per-epoch metrics) to the progress bar and the loggers."""
         self.log("train/loss", loss.detach().float(), prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=batch_size, sync_dist=True)
         if acc is not None:
@@ -278,8 +274,6 @@ class Method(L.LightningModule):
                      sync_dist=True)
         for k, v in extra.items():
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        if self._throughput is not None:
-            self.log("img_per_s", self._throughput, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]
@@ -341,7 +335,8 @@ class Method(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["batchmates"] = {"cfg": self.cfg.to_dict(), "info": self.info.to_dict(), "method": self.name}
+        checkpoint["batchmates"] = {"cfg": self.resolved_config.to_dict(), "info": self.info.to_dict(),
+                                    "method": self.name}
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -356,17 +351,3 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
     return f
 
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, list | tuple) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 0
-
-
-def iter_batches(x: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
-    for i in range(0, x.shape[0], batch_size):
-        yield x[i : i + batch_size]

@@ -26,10 +26,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from batchmates.config import ConfigError, Option, RunConfig
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.registry import register_method
 from batchmates.nn import BatchTransformerHead
-from batchmates.training.config import ConfigError, Option, RunConfig
 
 __all__ = ["BatchTransformerMethod"]
 

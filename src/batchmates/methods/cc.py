@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchmates.config import ConfigError, Option, RunConfig
 from batchmates.losses.cc_loss import CCLoss
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.registry import register_method
-from batchmates.training.config import ConfigError, Option, RunConfig
 
 __all__ = ["ChannelCorrelation", "se_like_layers"]
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchmates.config import Option, RunConfig
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.registry import register_method
-from batchmates.training.config import Option, RunConfig
 
 __all__ = ["CrossEntropy"]
 

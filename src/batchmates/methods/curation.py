@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchmates.config import ConfigError, Option
 from batchmates.curation import CurationResult, Curator, FRDScorer
-from batchmates.training.config import ConfigError, Option
 
 __all__ = ["CURATION_OPTIONS", "CurationMixin", "build_scorer", "IMAGENET_MEAN", "IMAGENET_STD"]
 

@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from batchmates.config import ConfigError, Option
 from batchmates.methods.ce import CrossEntropy
 from batchmates.methods.registry import register_method
-from batchmates.training.config import ConfigError, Option
 
 __all__ = ["IBAFormerMethod", "parse_iba_blocks"]
 

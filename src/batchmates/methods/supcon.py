@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchmates.config import Option, RunConfig
 from batchmates.curation import CurationResult, apply_curation, weighted_mean
 from batchmates.data.augment import TwoViews
 from batchmates.losses import SupConLoss
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.curation import CURATION_OPTIONS, CurationMixin
 from batchmates.methods.registry import register_method
-from batchmates.training.config import Option, RunConfig
 
 __all__ = ["SupCon", "SimCLR", "ContrastiveMethod"]
 

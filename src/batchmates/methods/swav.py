@@ -42,10 +42,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from batchmates.config import ConfigError, Option, RunConfig
 from batchmates.losses.swav import SwAVLoss, SwAVPrototypes, SwAVQueue
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.registry import register_method
-from batchmates.training.config import ConfigError, Option, RunConfig
 
 __all__ = ["SwAV", "auto_n_prototypes", "auto_epsilon", "auto_n_low_crops"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from batchmates.training.io import atomic_save_torch
+from batchmates.io import atomic_save_torch
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from batchmates.training.config import PROTOCOLS, ConfigError
-from batchmates.training.io import atomic_write_json, read_json
+from batchmates.config import PROTOCOLS, ConfigError
+from batchmates.io import atomic_write_json, read_json
 
 __all__ = [
     "evaluate",
@@ -182,7 +182,7 @@ def evaluate_model(model: Any, splits: Any, protocols: Sequence[str] = PROTOCOLS
         tr_f, tr_y = extract_features(model, splits.train, batch_size=batch_size)
         cfg = getattr(model, "cfg", None)
         if cfg is not None and getattr(cfg, "label_noise", 0.0) > 0:
-            from batchmates.training.run import apply_label_noise
+            from batchmates.training.data import apply_label_noise
 
             tr_y = apply_label_noise(tr_y, cfg.label_noise, num_classes, cfg.seed)
         te_f, te_y = extract_features(model, splits.test, batch_size=batch_size)
@@ -248,7 +248,7 @@ def evaluate(run_dir: str, protocols: Sequence[str] = PROTOCOLS, *, corruptions:
              severities: Sequence[int] | None = None, kinds: Sequence[str] | None = None,
              device: str = "cpu") -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` and merge the results into ``run_dir/metrics.json`` under ``"eval"``."""
-    from batchmates.training.run import METRICS_FILE, load_run
+    from batchmates.training.rundir import METRICS_FILE, load_run
 
     protocols = list(protocols) or list(PROTOCOLS)
     model, cfg, splits = load_run(run_dir, map_location=device)

@@ -1,117 +1,13 @@
-"""Atomic file output: every file batchmates writes goes through here.
+"""Atomic file output; moved to :mod:`batchmates.io` (the bottom floor), re-exported here for old imports."""
 
-A write goes to a temporary file in the destination's directory, is flushed and ``fsync``-ed, then
-``os.replace``-d over the destination (atomic on POSIX and Windows within one filesystem). A crash or an
-exception at any point leaves either the previous file or the new one, never a truncated mix, and never a
-stray temporary file (it is removed on error). Library choice; no paper involved.
-"""
+from batchmates.io import (
+    atomic_open,
+    atomic_save_torch,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 
-from __future__ import annotations
-
-import contextlib
-import io
-import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO, Any
-
-import torch
-
-__all__ = [
-    "atomic_open",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
-    "atomic_save_torch",
-    "read_json",
-]
-
-PathLike = str | os.PathLike
-
-
-def _fsync_dir(directory: str) -> None:
-    # Make the rename itself durable where the platform allows it (not on Windows).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on a clean exit it atomically replaces ``path``.
-
-    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8). If the ``with`` body raises, the temporary file is deleted
-    and ``path`` is left untouched.
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode must be 'w' or 'wb' for an atomic write, got {mode!r}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_open(path, "w") as f:
-        f.write(text)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):  # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):  # numpy arrays
-        return obj.tolist()
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
-def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
-    """Serialise ``obj`` to JSON first (so a serialisation error never touches ``path``), then write atomically."""
-    text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=True) + "\n"
-    atomic_write_text(path, text)
-
-
-def atomic_save_torch(obj: Any, path: PathLike, *, save: Callable[[Any, IO[bytes]], None] | None = None) -> None:
-    """``torch.save(obj, path)`` atomically (serialised in memory first, then one atomic write)."""
-    buf = io.BytesIO()
-    (save or torch.save)(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_json(path: PathLike, default: Any = None) -> Any:
-    """Read a JSON file, or return ``default`` when it does not exist."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return default
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_torch",
+           "read_json"]

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from batchmates.training.io import atomic_write_bytes
+from batchmates.io import atomic_write_bytes
 
 __all__ = ["plot_curves", "plot_accuracy_bars"]
 

@@ -1,0 +1,392 @@
+"""Run configuration: the one schema of every run setting, the dataset facts a run keeps, and the run files.
+
+Bottom floor: imports only :mod:`batchmates.options` and :mod:`batchmates.io`. Methods, the trainer and the CLI
+import it; it imports none of them.
+
+``RunConfig`` is what ``batchmates train`` builds from its flags and writes to ``DIR/config.yaml``;
+``batchmates train --config DIR/config.yaml`` reruns it. Each field is declared once, with its type, default,
+help, command-line flag, group, choices and range (:class:`Setting`); the CLI flags are generated from these
+declarations (:func:`add_run_arguments`) and :meth:`RunConfig.validate` checks them. Fields left ``None`` ("auto")
+are filled by the method's per-dataset defaults in :meth:`RunConfig.resolve`, so ``config.yaml`` always holds
+concrete values. Method-specific settings live in ``options`` (declared by each method as
+:class:`~batchmates.options.Option` s).
+
+Paper: none (library infrastructure).
+
+Library choices:
+
+* Per-dataset defaults (:data:`DEFAULT_SETTINGS`) are sized for the hardware each dataset is usually trained on:
+  digits and Fashion-MNIST on a laptop CPU, the rest on a GPU.
+* ``RunConfig.resolve()`` without a method class asks the method registry, which installs itself here
+  (:func:`set_method_lookup`) when :mod:`batchmates.methods` is imported: this floor never imports the methods.
+* Old ``config.yaml`` files keep loading: fields are only ever added (with defaults), never renamed or removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from batchmates.options import ConfigError, Option, RunError, parse_opt_assignments
+
+__all__ = ["RunConfig", "Setting", "DataInfo", "Option", "ConfigError", "RunError", "parse_opt_assignments",
+           "add_run_arguments", "settings_from_args", "set_method_lookup", "dataset_defaults", "DEFAULT_SETTINGS",
+           "SETTINGS", "AUTO_SETTINGS", "TYPES",
+           "PRECISIONS", "OPTIMIZERS", "STRATEGIES", "ACCELERATORS", "PROTOCOLS", "EVAL_MODES",
+           "CONFIG_FILE", "METRICS_FILE", "CKPT_FILE"]
+
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
+OPTIMIZERS = ("sgd", "adamw")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PROTOCOLS = ("accuracy", "knn", "linear")
+EVAL_MODES = ("independent", "batch")
+
+# The files of a run directory (``RunConfig.out``).
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+CKPT_FILE = "last.ckpt"
+
+GROUPS = ("data and model", "optimisation", "hardware", "evaluation", "output")
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+@dataclass(frozen=True)
+class Setting:
+    """How one :class:`RunConfig` field is checked and offered on the command line.
+
+    ``flag``: ``None`` gives ``--name-with-dashes``, ``""`` no flag. ``auto``: ``None`` means "the method's
+    default for the dataset" (filled by :meth:`RunConfig.resolve`). ``minimum``/``maximum`` are inclusive,
+    ``above``/``below`` exclusive; ``rule``/``accept`` state a rule the bounds cannot. ``shown``: the default
+    as ``--help`` words it, when the CLI fills it differently from the dataclass.
+    """
+
+    help: str
+    group: str
+    flag: str | None = None
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    below: float | None = None
+    auto: bool = False
+    what: str = ""
+    rule: str = ""
+    accept: Callable[[Any], bool] | None = None
+    metavar: str | None = None
+    shown: str = ""
+
+    def cli_flag(self, name: str) -> str:
+        return self.flag if self.flag is not None else "--" + name.replace("_", "-")
+
+    def range_text(self) -> str:
+        if self.rule:
+            return self.rule
+        lo = f"[{self.minimum:g}" if self.minimum is not None else (f"({self.above:g}" if self.above is not None
+                                                                    else "")
+        hi = f"{self.maximum:g}]" if self.maximum is not None else (f"{self.below:g})" if self.below is not None
+                                                                   else "")
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f">= {self.minimum:g}" if self.minimum is not None else f"> {self.above:g}"
+        return f"<= {self.maximum:g}" if self.maximum is not None else f"< {self.below:g}"
+
+    def in_range(self, v: Any) -> bool:
+        if self.accept is not None:
+            return bool(self.accept(v))
+        return not ((self.minimum is not None and v < self.minimum) or (self.maximum is not None and v > self.maximum)
+                    or (self.above is not None and v <= self.above) or (self.below is not None and v >= self.below))
+
+
+def _s(default: Any, help: str, group: str, **kw: Any) -> Any:
+    """A dataclass field carrying its :class:`Setting`."""
+    meta = {"setting": Setting(help, group, **kw)}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_D, _O, _H, _E, _OUT = GROUPS  # the group names, short for the table below
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one training run. ``None`` in an auto setting means "the method's default for this dataset"."""
+
+    method: str = _s("ce", "method to train (see `batchmates methods`), e.g. ce", _D, metavar="METHOD")
+    data: str = _s("digits", "dataset: digits, fashion-mnist, cifar10, cifar100, stl10, flowers102, imagefolder:PATH "
+                   "(see `batchmates data list`)", _D, metavar="DATA")
+    data_dir: str | None = _s(None, "where the dataset files are (else $BATCHMATES_DATA, system paths, cache)", _D)
+    download: bool = _s(False, "download missing files where possible", _D)
+    backbone: str | None = _s(None, "cnn, resnet-small, resnet18, vit-tiny", _D, auto=True)
+    attn_layer: str | None = _s(None, "attention in every residual block: none, se, ba2m", _D, auto=True)
+    epochs: int | None = _s(None, "training epochs", _O, auto=True, minimum=1)
+    max_steps: int = _s(-1, "stop after this many optimiser steps (-1: no limit)", _O, rule="-1 (no limit) or >= 1",
+                        accept=lambda v: v == -1 or v >= 1)
+    batch_size: int | None = _s(None, "global batch size (split over --devices)", _O, auto=True, minimum=1)
+    lr: float | None = _s(None, "peak learning rate", _O, auto=True, above=0.0)
+    optimizer: str | None = _s(None, "optimiser", _O, auto=True, choices=OPTIMIZERS)
+    momentum: float = _s(0.9, "SGD momentum", _O, minimum=0.0, below=1.0)
+    weight_decay: float | None = _s(None, "weight decay (not on biases and norms)", _O, auto=True, minimum=0.0)
+    warmup_epochs: float | None = _s(None, "linear warm-up length before the cosine decay", _O, auto=True,
+                                     minimum=0.0)
+    seed: int = _s(0, "random seed (data order, init, augmentation)", _O, minimum=0)
+    out: str = _s("runs/run", "run directory (config.yaml, metrics.json, last.ckpt, curves.png, tb/)", _OUT,
+                  shown="runs/METHOD-DATA")
+    precision: str = _s("32-true", "numeric precision", _H, choices=PRECISIONS)
+    accelerator: str = _s("auto", "device type", _H, choices=ACCELERATORS)
+    devices: int = _s(1, "devices/processes (DDP when > 1 with --strategy ddp)", _H, minimum=1)
+    strategy: str = _s("auto", "Lightning strategy", _H, choices=STRATEGIES)
+    num_workers: int = _s(0, "DataLoader workers for file-backed datasets", _H, minimum=0)
+    checkpoint_every_n_steps: int = _s(100, "also write last.ckpt every N optimiser steps (0: only at epoch ends)",
+                                       _OUT, flag="--checkpoint-every", minimum=0, metavar="N")
+    eval_protocols: list[str] = _s(list(PROTOCOLS), "evaluation protocol after training (repeatable)", _E,
+                                   flag="--protocol", choices=PROTOCOLS)
+    label_noise: float = _s(0.0, "fraction of symmetric label noise on the training split", _E, minimum=0.0,
+                            below=1.0, what="a fraction")
+    eval_mode: str = _s("independent", "inference of batch-relational modules: independent (each test sample on "
+                        "its own) or batch", _E, choices=EVAL_MODES)
+    deterministic: bool = _s(False, "deterministic algorithms only", _H)
+    threads: int | None = _s(None, "torch CPU threads (unset: torch's choice)", _H, minimum=1)
+    progress: bool = _s(True, "show a progress bar; --no-progress turns it off", _OUT, flag="--no-progress")
+    options: dict[str, Any] = _s({}, "method options (--opt KEY=VALUE)", _D, flag="")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eval_protocols"] = list(d["eval_protocols"])
+        d["options"] = dict(d["options"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a mapping of settings, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def to_yaml(self, path: str | None = None) -> str:
+        """The config as YAML; written atomically to ``path`` when given."""
+        text = "# batchmates run config: rerun with `batchmates train --config THIS_FILE`\n"
+        text += yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from batchmates.io import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str) -> RunConfig:
+        """Load from a YAML file path (or YAML text containing a newline)."""
+        if "\n" in path_or_text:
+            text = path_or_text
+        else:
+            try:
+                with open(path_or_text, encoding="utf-8") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path_or_text!r} does not exist") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path_or_text!r} is not valid YAML: {e}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation / resolution
+    def validate(self) -> RunConfig:
+        """Check every setting against its declaration; raise :class:`ConfigError` naming it and the fix."""
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name))
+        if self.batch_size is not None and self.batch_size % self.devices:
+            raise ConfigError(f"batch_size={self.batch_size} is the global batch and must be divisible by "
+                              f"devices={self.devices}; pick a multiple of {self.devices} for --batch-size")
+        return self
+
+    def resolve(self, method_cls: Any = None) -> RunConfig:
+        """Validate, fill every auto setting from the method's defaults for ``data``, and parse the options.
+
+        ``method_cls`` is the :class:`~batchmates.methods.Method` subclass (looked up by ``method`` when omitted).
+        The method also checks what needs its registries (backbone, attention layer and dataset names, the
+        batch size of batch-relational methods). Raises :class:`ConfigError` for a bad setting, an unknown
+        method, or an unknown or invalid option. Resolving a resolved config changes nothing.
+        """
+        self.validate()
+        if method_cls is None:
+            method_cls = _lookup_method(self.method)
+        defaults = method_cls.default_settings(self.data)
+        changes = {name: defaults[name] for name in AUTO_SETTINGS if getattr(self, name) is None and name in defaults}
+        if self.attn_layer is None and "attn_layer" not in changes:
+            changes["attn_layer"] = "none"
+        cfg = self.replace(**changes)
+        for name in AUTO_SETTINGS:
+            if getattr(cfg, name) is None:
+                raise ConfigError(f"method {cfg.method!r} gives no default for {name}; pass "
+                                  f"{SETTINGS[name].cli_flag(name)}")
+        cfg.options = method_cls.parse_options(cfg.options)
+        method_cls.check_config(cfg)
+        return cfg.validate()
+
+
+SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(RunConfig)}
+AUTO_SETTINGS: tuple[str, ...] = tuple(n for n, s in SETTINGS.items() if s.auto)
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """``name -> (base type, accepts None)`` from the annotations (``int | None`` -> ``(int, True)``)."""
+    out = {}
+    for name, hint in typing.get_type_hints(RunConfig).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        base = next(a for a in args if a is not type(None))
+        out[name] = (typing.get_origin(base) or base, type(None) in args)
+    return out
+
+
+TYPES = _field_types()
+
+
+def _check(name: str, v: Any) -> None:
+    s, (t, nullable) = SETTINGS[name], TYPES[name]
+    flag = s.cli_flag(name) if s.flag != "" else f"the config key {name!r}"
+    if v is None:
+        if nullable:
+            return
+        raise ConfigError(f"{name} must be set (got None); pass {flag}")
+    ok = {bool: lambda: isinstance(v, bool),
+          int: lambda: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+          str: lambda: isinstance(v, str) and bool(v),
+          list: lambda: isinstance(v, list | tuple),
+          dict: lambda: isinstance(v, dict)}[t]()
+    if not ok:
+        kind = {float: "a finite number", int: "an integer", bool: "true or false", list: "a list",
+                dict: "a mapping", str: "a non-empty string"}[t]
+        raise ConfigError(f"{name} must be {kind} (got {v!r}); fix {flag}")
+    if s.choices is not None:
+        bad = [x for x in (v if t is list else [v]) if x not in s.choices]
+        if bad:
+            shown = bad if t is list else repr(bad[0])
+            raise ConfigError(f"{name}={shown}: choose one of {list(s.choices)} ({flag})")
+    elif t in (int, float) and not s.in_range(v):
+        what = f"{s.what} " if s.what else ""
+        raise ConfigError(f"{name} must be {what}{s.range_text()} (got {v!r}); fix {flag}")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_run_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per run setting (grouped as in the schema), all defaulting to "not given"."""
+    groups = {g: parser.add_argument_group(g) for g in GROUPS}
+    for name, s in SETTINGS.items():
+        if name in exclude or s.flag == "":
+            continue
+        t, _ = TYPES[name]
+        if s.shown or s.auto:
+            shown = s.shown or "per method and dataset"
+        else:
+            default = RunConfig.__dataclass_fields__[name]
+            value = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+            shown = "unset" if value is None else (", ".join(value) if t is list else value)
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f"{s.help} (default: {shown})"}
+        if t is bool:
+            kw.update(action="store_const", const=not RunConfig.__dataclass_fields__[name].default)
+        elif t is list:
+            kw.update(action="append", choices=s.choices)
+        else:
+            kw.update(type=t, choices=s.choices, metavar=s.metavar)
+        groups[s.group].add_argument(s.cli_flag(name), **kw)
+
+
+def settings_from_args(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The run settings given on the command line (flags added by :func:`add_run_arguments`), by field name."""
+    return {name: getattr(args, name) for name in SETTINGS
+            if name != "options" and name not in exclude and hasattr(args, name)}
+
+
+# ---------------------------------------------------------------------------------------------- dataset facts
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about its dataset; every checkpoint stores it next to the config."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_size: int | None = None
+    hflip: bool = True
+
+    @classmethod
+    def from_splits(cls, splits: Any) -> DataInfo:
+        """From a loaded dataset (``batchmates.data.load_dataset``'s ``DatasetSplits``)."""
+        train = getattr(splits, "train", None)
+        try:
+            n = len(train) if train is not None else None
+        except TypeError:
+            n = None
+        return cls(name=str(splits.name), num_classes=int(splits.num_classes), in_channels=int(splits.in_channels),
+                   image_size=int(splits.image_size), mean=tuple(float(m) for m in splits.mean),
+                   std=tuple(float(s) for s in splits.std), train_size=n, hflip=bool(getattr(splits, "hflip", True)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
+        """From :meth:`to_dict` output (e.g. a checkpoint's ``batchmates.info``); lists become tuples."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown DataInfo key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items()})
+
+
+# Per-dataset defaults for the auto settings (library choice; see the module docstring).
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "digits": dict(backbone="cnn", epochs=8, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=5e-4,
+                   warmup_epochs=0.0),
+    "fashion-mnist": dict(backbone="resnet-small", epochs=12, batch_size=128, lr=0.1, optimizer="sgd",
+                          weight_decay=5e-4, warmup_epochs=0.5),
+    "cifar10": dict(backbone="resnet18", epochs=100, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
+                    warmup_epochs=2.0),
+    "cifar100": dict(backbone="resnet18", epochs=100, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
+                     warmup_epochs=2.0),
+    "*": dict(backbone="resnet-small", epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=5e-4,
+              warmup_epochs=1.0),
+}
+
+
+def dataset_defaults(data: str) -> dict[str, Any]:
+    """A copy of the auto-setting defaults for dataset ``data`` (the ``"*"`` row for datasets not listed)."""
+    return dict(DEFAULT_SETTINGS[data if data in DEFAULT_SETTINGS else "*"])
+
+
+# ---------------------------------------------------------------------------------------------- method look-up
+_method_lookup: Callable[[str], Any] | None = None
+
+
+def set_method_lookup(lookup: Callable[[str], Any]) -> None:
+    """Install the ``name -> Method class`` look-up ``RunConfig.resolve()`` uses (done by the method registry)."""
+    global _method_lookup
+    _method_lookup = lookup
+
+
+def _lookup_method(name: str) -> Any:
+    if _method_lookup is None:
+        raise ConfigError(f"RunConfig.resolve() needs the class of method {name!r}: import batchmates.methods "
+                          "first, or pass it, e.g. cfg.resolve(batchmates.methods.get_method(name))")
+    return _method_lookup(name)
