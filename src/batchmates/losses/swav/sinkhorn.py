@@ -46,23 +46,27 @@ def log_domain_sinkhorn(s: Tensor, epsilon: float, iterations: int, gather: bool
     # Shift in score units before dividing by epsilon: every column of x then has max 0, so neither
     # `scores / epsilon` nor a sum of exps can overflow. Out of place: the caller's tensor is never modified.
     x = torch.sub(s, global_column_max(s, gather)).div_(epsilon)
+    buf = torch.empty_like(x)  # one [B, K] work buffer, reused by every pass (fresh allocations cost more)
     log_v: Tensor | None = None
     for it in range(iterations):
         # Prototype totals over the (global) batch: a global max per column, then an all-reduced sum of
         # shifted exps. The first time the max is 0 by construction.
         if log_v is None:
-            col_max, col = None, x.exp().sum(0)
+            col_max, col = None, torch.exp(x, out=buf).sum(0)
         else:
-            t = x + log_v.unsqueeze(1)
-            col_max = global_column_max(t, gather)
-            col = t.sub_(col_max).exp_().sum(0)
+            col_max = global_column_max(torch.add(x, log_v.unsqueeze(1), out=buf), gather)
+            col = buf.sub_(col_max).exp_().sum(0)
         if distributed:
             col = bmd.all_reduce_sum(col)
         log_u = col.log_().neg_() if col_max is None else col.log_().add_(col_max).neg_()
-        if it == iterations - 1:  # the last sample normalisation gives the codes directly (x is ours)
-            return torch.softmax(x.add_(log_u), dim=1)
-        # Sample totals (local): log v = -LSE over the prototypes.
-        log_v = torch.logsumexp(x + log_u, dim=1).neg_()
+        # Sample totals (local), shifted by each row's max: log v = -LSE over the prototypes. The last time,
+        # the normalised rows are the codes (rows sum to 1 up to rounding, like a softmax).
+        row = torch.add(x, log_u, out=buf)
+        row_max = row.amax(1, keepdim=True)
+        row.sub_(row_max).exp_()
+        if it == iterations - 1:
+            return row.div_(row.sum(1, keepdim=True))
+        log_v = row.sum(1).log_().add_(row_max.squeeze(1)).neg_()
     raise AssertionError("unreachable: iterations >= 1 is checked by the callers")
 
 
@@ -100,8 +104,8 @@ def sinkhorn_knopp(
       prototypes of ``scores / epsilon + log u``. Before dividing by ``epsilon`` each column is shifted by its
       global max (the first prototype normalisation absorbs it exactly). So in float32 no sample's codes
       underflow to zero whatever the scale of the scores: each row sums to 1. (The plain algorithm in float32
-      zeroed most rows of scores with std 10: 13 of 16 in issue 8.) Cost: two passes of ``exp`` over ``[B, K]``
-      per iteration instead of one in all.
+      zeroed most rows of scores with std 10: 13 of 16 in issue 8.) Cost: two ``exp`` passes over ``[B, K]``
+      per iteration, where the plain algorithm needs one in all.
     * **Precision.** The work runs in ``promote_types(scores.dtype, dtype)`` with autocast disabled: float32
       by default, float64 when the scores are float64 or ``dtype=torch.float64``; never bf16/fp16. The codes are
       returned in that dtype.
