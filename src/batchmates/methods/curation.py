@@ -117,13 +117,14 @@ def build_scorer(spec: str, curate: str, method: Any) -> FRDScorer:
         except FileNotFoundError as e:
             raise ConfigError(f"option curate_extractor={spec!r}: {e}") from None
     if kind == "run":
-        from batchmates.training.run import RunError, load_run
+        from batchmates.config import RunError
+        from batchmates.methods.base import Method
 
         if not os.path.isdir(arg):
             raise ConfigError(f"option curate_extractor={spec!r}: {arg!r} is not a directory written by "
                               "`batchmates train`")
         try:
-            model, _, _ = load_run(arg)
+            model = Method.from_checkpoint(arg)  # the config and dataset facts are in the checkpoint
         except RunError as e:
             raise ConfigError(f"option curate_extractor={spec!r}: {e}") from None
         if (model.info.in_channels, model.info.image_size) != (info.in_channels, info.image_size):
