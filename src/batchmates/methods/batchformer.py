@@ -56,7 +56,7 @@ class BatchFormerMethod(Method):
         if dim % heads:
             raise ConfigError(f"option num_heads={heads} must divide the feature width {dim} of backbone "
                               f"{cfg.backbone!r}; pick a divisor of {dim}, e.g. --opt num_heads=4")
-        ff = self.opts["dim_feedforward"] or None
+        ff = self.resolve_option("dim_feedforward", self.opts["dim_feedforward"] or dim)
         self.batchformer = BatchFormer(dim, heads, cfg.eval_mode, dim_feedforward=ff, dropout=self.opts["dropout"],
                                        norm_first=self.opts["norm_first"])
         self.classifier = nn.Linear(dim, info.num_classes)

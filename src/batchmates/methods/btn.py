@@ -89,7 +89,7 @@ class BatchTransformerMethod(Method):
             raise ConfigError(f"option mla_heads={o['mla_heads']} must divide mla_dim={o['mla_dim']}")
         stage_dims = [int(c) for c in self.backbone.stage_dims]
         size = _last_stage_size(self.backbone, info)
-        tokens = o["mla_tokens"] or max(1, min(4, *size))
+        tokens = self.resolve_option("mla_tokens", o["mla_tokens"] or max(1, min(4, *size)))
         self.head = BatchTransformerHead(
             stage_dims,
             info.num_classes,
