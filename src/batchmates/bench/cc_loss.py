@@ -21,7 +21,7 @@ def _case(b: int, c: int, k: int, dev: torch.device, iters: int) -> list[BenchRo
     case = f"B={b},C={c},classes={k}"
 
     def ours() -> None:
-        torch.autograd.grad(cc_loss(attention, labels, num_classes=k, validate=False), attention)
+        torch.autograd.grad(cc_loss(attention, labels, num_classes=k, check_finite=False), attention)
 
     def naive() -> None:
         torch.autograd.grad(naive_cc_loss(attention, labels), attention)

@@ -17,31 +17,29 @@ Library choices:
       ``O(ND²)``; same value, never a ``D×D`` matrix (``algorithm="auto"``; force with ``"cross"``/``"gram"``).
     * Statistics and ``C`` in float32 or higher with autocast disabled; the loss is returned in that dtype.
     * ``N = 1`` (global) raises ``ValueError``: the per-feature variance is undefined.
+    * The NaN/inf check of the inputs runs on the CPU only by default (``check_finite=None``): on an accelerator
+      it would cost a host-device sync per call.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from batchmates import distributed as bdist
+from batchmates._checks import ensure_finite
+from batchmates.losses._kernels import no_autocast as _no_autocast
 
 __all__ = ["barlow_twins_loss", "BarlowTwinsLoss"]
 
 Algorithm = Literal["auto", "cross", "gram"]
 
 
-def _no_autocast(device: torch.device):
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # pragma: no cover - exotic device types
-        return nullcontext()
-
-
-def _validate(z_a: Tensor, z_b: Tensor, lambda_param: float, eps: float, algorithm: str) -> None:
+def _validate(
+    z_a: Tensor, z_b: Tensor, lambda_param: float, eps: float, algorithm: str, check_finite: bool | None
+) -> None:
     for name, z in (("z_a", z_a), ("z_b", z_b)):
         if not isinstance(z, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape [N, D], got {type(z).__name__}")
@@ -51,8 +49,12 @@ def _validate(z_a: Tensor, z_b: Tensor, lambda_param: float, eps: float, algorit
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
         if z.shape[1] < 1:
             raise ValueError(f"{name} must have at least one feature, got shape {tuple(z.shape)}")
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError(f"{name} contains NaN or inf; check the projector output (learning rate, AMP scaler)")
+        ensure_finite(
+            z,
+            check_finite,
+            f"{name} contains NaN or inf; check the projector output (learning rate, AMP scaler); "
+            "check_finite=False skips this check",
+        )
     if z_a.shape != z_b.shape:
         raise ValueError(f"z_a and z_b must have the same shape [N, D], got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
     if z_a.device != z_b.device:
@@ -74,6 +76,7 @@ def barlow_twins_loss(
     eps: float = 1e-5,
     gather: bool = True,
     algorithm: Algorithm = "auto",
+    check_finite: bool | None = None,
 ) -> Tensor:
     """Barlow Twins loss (Zbontar et al. 2021, arXiv:2103.03230) over the global batch.
 
@@ -86,11 +89,13 @@ def barlow_twins_loss(
             explicit opt-out: each rank normalises and correlates its local batch only.
         algorithm: ``"cross"`` (the ``D×D`` matrix ``C``), ``"gram"`` (``N×N`` Gram matrices, one process only) or
             ``"auto"`` (Gram when ``2N < D`` in one process; library choice).
+        check_finite: check that ``z_a`` and ``z_b`` hold no NaN/inf. ``None`` (default): on the CPU only, so no
+            host-device sync (and no ``torch.compile`` graph break) on accelerators; ``True``/``False`` force it.
 
     Returns:
         Scalar loss, identical on every rank; float32 for half-precision inputs, else the input dtype.
     """
-    _validate(z_a, z_b, lambda_param, eps, algorithm)
+    _validate(z_a, z_b, lambda_param, eps, algorithm, check_finite)
     distributed = gather and bdist.is_distributed()
     n_local, dim = z_a.shape
     n = bdist.global_count(n_local, z_a.device) if distributed else n_local
@@ -142,6 +147,7 @@ class BarlowTwinsLoss(nn.Module):
 
     ``BarlowTwinsLoss(lambda_param=0.0051, *, scale_loss=1.0, eps=1e-5, gather=True)(z_a, z_b)`` with
     ``z_a, z_b [N, D]`` returns a scalar, computed with global-batch statistics under ``torch.distributed``.
+    ``algorithm`` and ``check_finite`` are documented on :func:`barlow_twins_loss`.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class BarlowTwinsLoss(nn.Module):
         eps: float = 1e-5,
         gather: bool = True,
         algorithm: Algorithm = "auto",
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         if not (lambda_param >= 0 and lambda_param < float("inf")):
@@ -163,6 +170,7 @@ class BarlowTwinsLoss(nn.Module):
         self.eps = float(eps)
         self.gather = gather
         self.algorithm = algorithm
+        self.check_finite = check_finite
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return barlow_twins_loss(
@@ -173,6 +181,7 @@ class BarlowTwinsLoss(nn.Module):
             eps=self.eps,
             gather=self.gather,
             algorithm=self.algorithm,
+            check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:

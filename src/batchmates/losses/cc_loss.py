@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from batchmates import distributed as bmd
+from batchmates._checks import finite_check_enabled
 
 __all__ = ["cc_loss", "CCLoss"]
 
@@ -55,6 +56,14 @@ def _check_options(form: str, margin: float, eps: float) -> None:
         raise ValueError(f"margin must be a non-negative number, got {margin!r}")
     if not (isinstance(eps, int | float) and eps > 0):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def _values_checked(check_finite: bool | None, validate: bool | None, attention: Tensor) -> bool:
+    if validate is not None:
+        if check_finite is not None and bool(check_finite) != bool(validate):
+            raise ValueError(f"check_finite={check_finite} and validate={validate} disagree; pass only check_finite")
+        check_finite = validate
+    return finite_check_enabled(check_finite, attention)
 
 
 def _validate(attention: Tensor, labels: Tensor, form: str, margin: float, eps: float, check_values: bool) -> None:
@@ -103,7 +112,8 @@ def cc_loss(
     eps: float = 1e-6,
     num_classes: int | None = None,
     gather: bool = True,
-    validate: bool = True,
+    check_finite: bool | None = None,
+    validate: bool | None = None,
 ) -> Tensor:
     """The channel-correlation term ``L_cc`` of CC-Loss (arXiv:2010.05469); see the module docstring.
 
@@ -118,25 +128,29 @@ def cc_loss(
         form: ``"difference"`` (default), ``"ratio"`` or ``"margin"``.
         margin: hinge margin of ``form="margin"`` (on the mean inter-class ``d``, which lies in ``[0, 1]``).
         eps: added to the denominator of ``form="ratio"``.
-        num_classes: number of classes; default ``1 + max label`` over the global batch (one sync).
+        num_classes: number of classes; default ``1 + max label`` over the global batch (one host sync: give it
+            to avoid that, e.g. under ``torch.compile``).
         gather: global-batch semantics under ``torch.distributed`` (per-class sums all-reduced).
-        validate: check values (finite, in ``[0, 1]``, labels ``>= 0``; one device sync).
+        check_finite: check values (attention finite and in ``[0, 1]``, labels in ``[0, num_classes)``; one host
+            sync). ``None`` (default): on the CPU only, so no host-device sync (and no ``torch.compile`` graph
+            break) on accelerators; ``True``/``False`` force it (library choice, as the layers of
+            :mod:`batchmates.nn`).
+        validate: the former name of ``check_finite`` (kept for compatibility).
 
     Returns:
         Scalar in float32, or float64 for float64 input (computed with autocast disabled).
     """
-    _validate(attention, labels, form, margin, eps, validate)
+    check_values = _values_checked(check_finite, validate, attention)
+    _validate(attention, labels, form, margin, eps, check_values)
     distributed = gather and bmd.is_distributed()
-    max_label = _global_max_label(labels, gather)
     if num_classes is None:
-        k = max_label + 1
+        k = max(_global_max_label(labels, gather) + 1, 1)  # the class count comes from the data: one sync
     else:
         if not (isinstance(num_classes, int) and num_classes >= 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if max_label >= num_classes:
+        if check_values and (max_label := _global_max_label(labels, gather)) >= num_classes:
             raise ValueError(f"labels contain class id {max_label} but num_classes={num_classes}")
         k = num_classes
-    k = max(k, 1)
     n_local, c = attention.shape
     work = torch.promote_types(attention.dtype, torch.float32)
     with torch.autocast(device_type=attention.device.type, enabled=False):
@@ -167,8 +181,8 @@ def cc_loss(
 class CCLoss(nn.Module):
     """CC-Loss term ``L_cc`` (Song et al. 2020, arXiv:2010.05469); module form of :func:`cc_loss`.
 
-    ``CCLoss(form="difference", *, margin=0.1, eps=1e-6, num_classes=None, gather=True)(attention, labels)``
-    with ``attention [N, C]`` in ``(0, 1)`` and ``labels [N]``; returns the scalar ``L_cc`` to be added to the
+    ``CCLoss(form="difference", *, margin=0.1, eps=1e-6, num_classes=None, gather=True, check_finite=None)``
+    called on ``(attention, labels)`` with ``attention [N, C]`` in ``(0, 1)`` and ``labels [N]``; returns the scalar ``L_cc`` to be added to the
     cross-entropy with a weight ``lambda`` (library form; see the module docstring).
     """
 
@@ -180,7 +194,8 @@ class CCLoss(nn.Module):
         eps: float = 1e-6,
         num_classes: int | None = None,
         gather: bool = True,
-        validate: bool = True,
+        check_finite: bool | None = None,
+        validate: bool | None = None,
     ) -> None:
         super().__init__()
         _check_options(form, margin, eps)
@@ -189,6 +204,7 @@ class CCLoss(nn.Module):
         self.eps = float(eps)
         self.num_classes = num_classes
         self.gather = gather
+        self.check_finite = check_finite
         self.validate = validate
 
     def forward(self, attention: Tensor, labels: Tensor) -> Tensor:
@@ -200,6 +216,7 @@ class CCLoss(nn.Module):
             eps=self.eps,
             num_classes=self.num_classes,
             gather=self.gather,
+            check_finite=self.check_finite,
             validate=self.validate,
         )
 

@@ -35,11 +35,13 @@ Library choices:
       so every rank returns the same loss and DDP-averaged gradients equal single-process gradients.
     * A single view of a single sample (no contrast sample other than itself) and SimCLR with one view
       (no positive at all) raise ``ValueError`` instead of returning NaN or a silent 0.
+    * Value checks (NaN/inf features or mask, negative mask entries) run on the CPU only by default
+      (``check_finite=None``): on an accelerator each would cost a host-device sync per call and a
+      ``torch.compile`` graph break.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -47,104 +49,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchmates import distributed as bdist
+from batchmates._checks import ensure_finite, finite_check_enabled
+from batchmates.losses._kernels import ExclusiveLogSumExp as _ExclusiveLogSumExp
+from batchmates.losses._kernels import no_autocast as _no_autocast
 
 __all__ = ["supcon_loss", "SupConLoss", "NTXentLoss"]
 
 Reduction = Literal["mean", "mean_positive", "none"]
 _REDUCTIONS = ("mean", "mean_positive", "none")
 _DEFAULT_BLOCK = 4096
-
-
-def _no_autocast(device: torch.device):
-    """Context disabling autocast on ``device`` (a no-op where autocast does not exist for that device type)."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # pragma: no cover - exotic device types
-        return nullcontext()
-
-
-def _mask_self_(logits: Tensor, self_col: Tensor, col0: int) -> None:
-    """Set ``logits[r, self_col[r] - col0] = -inf`` where that column lies in this block (sync-free)."""
-    width = logits.shape[1]
-    local = self_col - col0
-    inside = (local >= 0) & (local < width)
-    cols = local.clamp(0, width - 1).unsqueeze(1)
-    current = logits.gather(1, cols)
-    logits.scatter_(1, cols, torch.where(inside.unsqueeze(1), torch.full_like(current, float("-inf")), current))
-
-
-class _ExclusiveLogSumExp(torch.autograd.Function):
-    """``lse_i = log Σ_{j ≠ self(i)} exp(s · a_i·c_j)`` for anchors ``a [Ma, D]``, contrast ``c [Mc, D]``, scale ``s``.
-
-    ``block=None``: dense, a single ``[Ma, Mc]`` buffer (logits, then their row-shifted exponentials in place) is
-    kept for backward. ``block=b``: anchor blocks × contrast blocks of ``b`` rows; forward keeps only per-block
-    log-sum-exps and backward recomputes every block, so the extra memory is ``O(b² + (Ma + Mc)·D)``.
-    Gradients: ``∂lse_i/∂a_i = s Σ_j p_ij c_j`` and ``∂lse_i/∂c_j = s p_ij a_i`` with ``p`` the row softmax.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, anchors: Tensor, contrast: Tensor, self_col: Tensor, scale: float, block: int | None
-    ) -> Tensor:
-        with _no_autocast(anchors.device):
-            ma, mc = anchors.shape[0], contrast.shape[0]
-            if block is None:
-                logits = torch.addmm(anchors.new_empty(()), anchors, contrast.T, beta=0, alpha=scale)
-                logits.scatter_(1, self_col.unsqueeze(1), float("-inf"))
-                row_max = logits.amax(dim=1, keepdim=True)
-                expd = logits.sub_(row_max).exp_()  # unnormalised row softmax, self entries exactly 0
-                total = expd.sum(dim=1)
-                lse = total.log().add_(row_max.squeeze(1))
-                ctx.save_for_backward(anchors, contrast, expd, total)
-            else:
-                parts = []
-                for i0 in range(0, ma, block):
-                    a = anchors[i0 : i0 + block]
-                    cols = self_col[i0 : i0 + block]
-                    block_lse = []
-                    for j0 in range(0, mc, block):
-                        logits = torch.addmm(a.new_empty(()), a, contrast[j0 : j0 + block].T, beta=0, alpha=scale)
-                        _mask_self_(logits, cols, j0)
-                        block_lse.append(torch.logsumexp(logits, dim=1))
-                    parts.append(torch.logsumexp(torch.stack(block_lse, dim=1), dim=1))
-                lse = torch.cat(parts)
-                ctx.save_for_backward(anchors, contrast, self_col, lse)
-        ctx.block = block
-        ctx.scale = scale
-        return lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        block, scale = ctx.block, ctx.scale
-        need_a, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with _no_autocast(grad.device):
-            if block is None:
-                anchors, contrast, expd, total = ctx.saved_tensors
-                g = (grad * scale / total).unsqueeze(1)  # row softmax = expd / total
-                grad_a = (expd @ contrast).mul_(g) if need_a else None
-                grad_c = expd.T @ (anchors * g) if need_c else None
-                return grad_a, grad_c, None, None, None
-            anchors, contrast, self_col, lse = ctx.saved_tensors
-            grad_a = torch.zeros_like(anchors) if need_a else None
-            grad_c = torch.zeros_like(contrast) if need_c else None
-            ma, mc = anchors.shape[0], contrast.shape[0]
-            for i0 in range(0, ma, block):
-                a = anchors[i0 : i0 + block]
-                cols = self_col[i0 : i0 + block]
-                row_lse = lse[i0 : i0 + block].unsqueeze(1)
-                g = (grad[i0 : i0 + block] * scale).unsqueeze(1)
-                ga = a * g
-                for j0 in range(0, mc, block):
-                    c = contrast[j0 : j0 + block]
-                    logits = torch.addmm(a.new_empty(()), a, c.T, beta=0, alpha=scale)
-                    _mask_self_(logits, cols, j0)
-                    probs = logits.sub_(row_lse).exp_()
-                    if grad_a is not None:
-                        grad_a[i0 : i0 + block].addcmul_(probs @ c, g)
-                    if grad_c is not None:
-                        grad_c[j0 : j0 + block].addmm_(probs.T, ga)
-            return grad_a, grad_c, None, None, None
 
 
 def _check_positive_float(name: str, value: float) -> float:
@@ -170,6 +83,7 @@ def _validate(
     reduction: str,
     chunk_size: int | None,
     chunk_threshold: int | None,
+    check_finite: bool | None,
 ) -> None:
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a torch.Tensor of shape [N, V, D], got {type(features).__name__}")
@@ -185,8 +99,14 @@ def _validate(
     min_rows = 0 if bdist.is_distributed() else 1
     if features.shape[0] < min_rows or min(features.shape[1:]) < 1:
         raise ValueError(f"features must be non-empty in every dimension, got shape {tuple(features.shape)}")
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError("features contain NaN or inf; check the model output (e.g. the learning rate or AMP scaler)")
+    check_values = finite_check_enabled(check_finite, features)
+    if check_values:
+        ensure_finite(
+            features,
+            True,
+            "features contain NaN or inf; check the model output (e.g. the learning rate or AMP scaler); "
+            "check_finite=False skips this check",
+        )
     _check_modes(contrast_mode, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
@@ -215,9 +135,9 @@ def _validate(
             raise ValueError(f"mask must be a square [N, N] matrix, got shape {tuple(mask.shape)}")
         if mask.device != features.device:
             raise ValueError(f"mask is on {mask.device} but features on {features.device}; move them together")
-        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
-            raise ValueError("mask contains NaN or inf; it must hold 0/1 (or non-negative finite weights)")
-        if bool((mask < 0).any()):
+        if check_values and mask.is_floating_point():
+            ensure_finite(mask, True, "mask contains NaN or inf; it must hold 0/1 (or non-negative finite weights)")
+        if check_values and bool((mask < 0).any()):
             raise ValueError("mask must be non-negative (1 = positive pair, 0 = not)")
 
 
@@ -234,6 +154,7 @@ def supcon_loss(
     chunk_size: int | None = None,
     chunk_threshold: int | None = 16384,
     gather: bool = True,
+    check_finite: bool | None = None,
 ) -> Tensor:
     """Supervised contrastive loss ``L_out`` (Khosla et al. 2020, arXiv:2004.11362, eq. 2); SimCLR without labels.
 
@@ -256,6 +177,9 @@ def supcon_loss(
             set has more than this many rows (``V·N_global``); ``None`` = always dense.
         gather: under ``torch.distributed``, contrast against the global batch and reduce globally (default).
             ``False`` = explicit opt-out: each rank uses its local batch only.
+        check_finite: check the values of ``features`` and ``mask`` (NaN/inf, negative mask entries).
+            ``None`` (default): on the CPU only, so no host-device sync (and no ``torch.compile`` graph break)
+            on accelerators; ``True``/``False`` force it (library choice, as the layers of :mod:`batchmates.nn`).
 
     Returns:
         A scalar (``"mean"``/``"mean_positive"``, identical on every rank) or per-anchor values (``"none"``), in
@@ -267,7 +191,7 @@ def supcon_loss(
     """
     temperature = _check_positive_float("temperature", temperature)
     base_temperature = _check_positive_float("base_temperature", base_temperature)
-    _validate(features, labels, mask, contrast_mode, reduction, chunk_size, chunk_threshold)
+    _validate(features, labels, mask, contrast_mode, reduction, chunk_size, chunk_threshold, check_finite)
 
     n_local, n_views, _ = features.shape
     if labels is None and mask is None and n_views < 2:
@@ -376,12 +300,44 @@ def supcon_loss(
         return total / count.clamp_min(1.0)
 
 
-class SupConLoss(nn.Module):
+class _SupConModule(nn.Module):
+    """The keyword-only options shared by :class:`SupConLoss` and :class:`NTXentLoss` (see :func:`supcon_loss`)."""
+
+    def __init__(
+        self,
+        *,
+        normalize: bool,
+        reduction: Reduction,
+        chunk_size: int | None,
+        chunk_threshold: int | None,
+        gather: bool,
+        check_finite: bool | None,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.chunk_threshold = chunk_threshold
+        self.gather = gather
+        self.check_finite = check_finite
+
+    def _options(self) -> dict:
+        return dict(
+            normalize=self.normalize,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            chunk_threshold=self.chunk_threshold,
+            gather=self.gather,
+            check_finite=self.check_finite,
+        )
+
+
+class SupConLoss(_SupConModule):
     """Supervised contrastive loss (Khosla et al. 2020, arXiv:2004.11362); see :func:`supcon_loss`.
 
     ``SupConLoss(temperature=0.07, base_temperature=0.07, contrast_mode="all")(features, labels=None, mask=None)``
     with ``features [N, V, D]``. Keyword-only options ``normalize``, ``reduction``, ``chunk_size``,
-    ``chunk_threshold`` and ``gather`` are documented on :func:`supcon_loss`.
+    ``chunk_threshold``, ``gather`` and ``check_finite`` are documented on :func:`supcon_loss`.
 
     Example::
 
@@ -400,17 +356,16 @@ class SupConLoss(nn.Module):
         chunk_size: int | None = None,
         chunk_threshold: int | None = 16384,
         gather: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            normalize=normalize, reduction=reduction, chunk_size=chunk_size, chunk_threshold=chunk_threshold,
+            gather=gather, check_finite=check_finite,
+        )  # fmt: skip
         self.temperature = _check_positive_float("temperature", temperature)
         self.base_temperature = _check_positive_float("base_temperature", base_temperature)
         _check_modes(contrast_mode, reduction)
         self.contrast_mode = contrast_mode
-        self.normalize = normalize
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-        self.chunk_threshold = chunk_threshold
-        self.gather = gather
 
     def forward(self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         return supcon_loss(
@@ -420,11 +375,7 @@ class SupConLoss(nn.Module):
             temperature=self.temperature,
             base_temperature=self.base_temperature,
             contrast_mode=self.contrast_mode,
-            normalize=self.normalize,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            chunk_threshold=self.chunk_threshold,
-            gather=self.gather,
+            **self._options(),
         )
 
     def extra_repr(self) -> str:
@@ -434,7 +385,7 @@ class SupConLoss(nn.Module):
         )
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_SupConModule):
     """SimCLR's NT-Xent loss (Chen et al. 2020, arXiv:2002.05709) as SupCon without labels, two views.
 
     ``NTXentLoss(temperature=0.5)(z0, z1)`` with ``z0, z1 [N, D]`` (lightly-style call) equals
@@ -452,15 +403,14 @@ class NTXentLoss(nn.Module):
         chunk_size: int | None = None,
         chunk_threshold: int | None = 16384,
         gather: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            normalize=normalize, reduction=reduction, chunk_size=chunk_size, chunk_threshold=chunk_threshold,
+            gather=gather, check_finite=check_finite,
+        )  # fmt: skip
         self.temperature = _check_positive_float("temperature", temperature)
         _check_modes("all", reduction)
-        self.normalize = normalize
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-        self.chunk_threshold = chunk_threshold
-        self.gather = gather
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
         for name, z in (("z0", z0), ("z1", z1)):
@@ -474,11 +424,7 @@ class NTXentLoss(nn.Module):
             temperature=self.temperature,
             base_temperature=self.temperature,
             contrast_mode="all",
-            normalize=self.normalize,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            chunk_threshold=self.chunk_threshold,
-            gather=self.gather,
+            **self._options(),
         )
 
     def extra_repr(self) -> str:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchmates import distributed
+from batchmates._checks import finite_check_enabled
 from batchmates.nn._eval_mode import check_eval_mode, uses_batch
 from batchmates.nn.class_batch_attention import ClassBatchAttention, ScaleSpec
 from batchmates.nn.multi_level_attention import MultiLevelAttention
@@ -114,6 +115,8 @@ class BatchTransformerHead(nn.Module):
         gather: CBA over the global batch under ``torch.distributed``.
         cba_backend: ``"einsum"`` (default) or ``"sdpa"`` (fused attention kernels, less memory on CUDA).
         dropout: dropout before the main classifier and inside MLA.
+        check_finite: check CBA's inputs for NaN/inf and the labels of :meth:`loss` for their range.
+            ``None`` (default): on the CPU only (no host-device sync on accelerators); ``True``/``False`` force it.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class BatchTransformerHead(nn.Module):
         gather: bool = True,
         cba_backend: str = "einsum",
         dropout: float = 0.0,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(stage_dims, (str, bytes)) or not isinstance(stage_dims, Sequence) or len(stage_dims) == 0:
@@ -176,7 +180,9 @@ class BatchTransformerHead(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:
             self.register_parameter("pos_embed", None)
-        self.cba = ClassBatchAttention(eval_mode, scale=cba_scale, gather=gather, backend=cba_backend)
+        self.cba = ClassBatchAttention(
+            eval_mode, scale=cba_scale, gather=gather, backend=cba_backend, check_finite=check_finite
+        )
         self._sine_cache: dict[tuple, Tensor] = {}
 
     @property
@@ -261,7 +267,8 @@ class BatchTransformerHead(nn.Module):
                 raise ValueError(f"labels has {labels.shape[0]} entries but out.{name} has {logits.shape[0]} rows")
         if labels.numel() == 0:
             raise ValueError("labels is empty: the loss needs at least one sample")
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+        check = finite_check_enabled(self.cba.check_finite, labels)
+        if check and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes}), got min {int(labels.min())}, max {int(labels.max())}"
             )

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batchmates import distributed
+from batchmates._checks import ensure_finite
 from batchmates.nn._eval_mode import check_eval_mode, uses_batch
 
 __all__ = ["ClassBatchAttention", "class_batch_attention", "resolve_cba_scale"]
@@ -93,12 +94,14 @@ def _check_tensor(name: str, x: object, ndim: int, layout: str) -> Tensor:
     return x
 
 
-def _check_finite(**tensors: Tensor) -> None:
+def _check_finite(check_finite: bool | None, **tensors: Tensor) -> None:
     for name, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"{name} contains NaN or Inf values; check the layers that produce it (or the learning rate)"
-            )
+        ensure_finite(
+            t,
+            check_finite,
+            f"{name} contains NaN or Inf values; check the layers that produce it (or the learning rate); "
+            "check_finite=False skips this check",
+        )
 
 
 def _check_qkv(q: object, k: object, v: object, *, same_batch: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +133,7 @@ def class_batch_attention(
     v: Tensor,
     scale: ScaleSpec = "sqrt_k",
     *,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
     backend: str = "einsum",
 ) -> Tensor:
     """Functional Class Batch Attention (arXiv:2407.04218): ``cba[b, c] = Σ_j softmax_j(s·q_bc·k_jc) v[j, c]``.
@@ -140,7 +143,8 @@ def class_batch_attention(
         k: keys ``[B_k, K, E]``; ``B_k`` may differ from ``B_q`` (e.g. keys gathered from every rank).
         v: values ``[B_k, K]`` (the main classifier's logits in the paper), rows aligned with ``k``.
         scale: ``"sqrt_k"`` (paper: ``1/sqrt(K)``), ``"sqrt_e"`` (``1/sqrt(E)``) or a positive float multiplier.
-        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs one device sync).
+        check_finite: raise ``ValueError`` on NaN/Inf inputs. ``None`` (default): check on CPU only; on
+            accelerators the check would cost a host-device sync. ``True``/``False`` force it.
         backend: ``"einsum"`` (batched matmul, ``O(K·B_q·B_k)`` memory) or ``"sdpa"`` (fused attention kernels).
 
     Returns:
@@ -149,8 +153,7 @@ def class_batch_attention(
     """
     q, k, v = _check_qkv(q, k, v, same_batch=False)
     _check_backend(backend)
-    if check_finite:
-        _check_finite(q=q, k=k, v=v)
+    _check_finite(check_finite, q=q, k=k, v=v)
     s = resolve_cba_scale(scale, q.shape[1], q.shape[2])
     dtype = _compute_dtype(q, k, v)
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -186,7 +189,9 @@ class ClassBatchAttention(nn.Module):
         scale: ``"sqrt_k"`` (paper's ``1/sqrt(K)``), ``"sqrt_e"`` or a positive float multiplier of ``q kᵀ``.
         gather: under ``torch.distributed``, attend over the global batch (keys and values gathered from every
             rank with an exact gradient). ``False`` attends over the local batch only.
-        check_finite: raise ``ValueError`` on NaN/Inf inputs (one device sync per call).
+        check_finite: raise ``ValueError`` on NaN/Inf inputs. ``None`` (default): check on CPU only, where it is
+            cheap; on accelerators it would cost a host-device sync per call (and a ``torch.compile`` graph
+            break). ``True``/``False`` force it.
         backend: ``"einsum"`` (default) or ``"sdpa"``; see the module docstring.
     """
 
@@ -196,20 +201,19 @@ class ClassBatchAttention(nn.Module):
         *,
         scale: ScaleSpec = "sqrt_k",
         gather: bool = True,
-        check_finite: bool = True,
+        check_finite: bool | None = None,
         backend: str = "einsum",
     ) -> None:
         super().__init__()
         self.eval_mode = check_eval_mode(eval_mode)
         self.scale = _check_scale_spec(scale)
         self.gather = bool(gather)
-        self.check_finite = bool(check_finite)
+        self.check_finite = None if check_finite is None else bool(check_finite)
         self.backend = _check_backend(backend)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         q, k, v = _check_qkv(q, k, v, same_batch=True)
-        if self.check_finite:
-            _check_finite(q=q, k=k, v=v)
+        _check_finite(self.check_finite, q=q, k=k, v=v)
         dtype = _compute_dtype(q, k, v)
         if not uses_batch(self, self.eval_mode):
             # Batch-size-1 behaviour: softmax over a single key is exactly 1, so cba = v.
