@@ -56,7 +56,7 @@ def run_group(
 
 def update_benchmarks_doc(doc: str, section: str, body: str) -> None:
     """Replace (or append) the ``section`` of the Markdown file ``doc`` with ``body`` under a ``## section`` title."""
-    from batchmates.training.io import atomic_write_text
+    from batchmates.io import atomic_write_text
 
     start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
     block = f"{start}\n## {section}\n\n{body.rstrip()}\n{end}"
@@ -105,7 +105,7 @@ def run_benchmarks(
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
     from batchmates.bench.common import hardware_description
-    from batchmates.training.io import atomic_write_json
+    from batchmates.io import atomic_write_json
 
     hardware = hardware_description(device)
     kind = "cuda" if device.startswith("cuda") else device
