@@ -154,3 +154,19 @@ def test_compare_cli_variants_file_and_flags_precedence(tmp_path: Path) -> None:
     a = RunConfig.from_yaml(str(out / "a" / "seed0" / "config.yaml"))
     b = RunConfig.from_yaml(str(out / "b" / "seed0" / "config.yaml"))
     assert (a.epochs, a.max_steps, b.max_steps) == (1, 4, 3)
+
+
+def test_the_documented_study_file_plans_every_run(tmp_path: Path) -> None:
+    """docs/study.yaml (the command of docs/results.md) resolves: 25 variants x 3 seeds, in the old layout."""
+    study = Path(__file__).resolve().parents[1] / "docs" / "study.yaml"
+    variants, settings, seeds = load_variants_file(str(study))
+    plans = plan_runs(resolve_variants(variants, settings["data"]), RunConfig(**settings), range(seeds),
+                      str(tmp_path / "study"))
+    assert len(plans) == 25 * 3 and {p.cfg.data for p in plans} == {"fashion-mnist"}
+    by_name = {p.variant.name: p for p in plans if p.seed == 0}
+    assert by_name["curation/simclr-b32-frd-pairwise"].cfg.out == str(
+        tmp_path / "study" / "curation" / "simclr-b32-frd-pairwise" / "seed0")
+    assert by_name["curation/simclr-b32-frd-pairwise"].cfg.options["curate"] == "frd-pairwise"
+    vit = by_name["domain-shift/vit-miba"]
+    assert vit.corruptions and vit.cfg.max_steps == 100 and vit.cfg.backbone == "vit-tiny"
+    assert not by_name["supervised/ce"].corruptions and by_name["supervised/ce"].cfg.max_steps == 200
