@@ -256,88 +256,22 @@ def test_select_and_apply_validation():
         Curator(42, threshold=1.0)
 
 
-# ---------------------------------------------------------------------------------------------------- scorer
-def test_scorer_modes_use_the_frechet_functions():
-    torch.manual_seed(0)
-    ext = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.BatchNorm1d(7)).double()
-    ext.train()
-    scorer = FRDScorer(ext, mode="pairwise")
-    assert not ext.training and not any(p.requires_grad for p in ext.parameters())
-    x1 = torch.randn(6, 3, 4, dtype=torch.float64)
-    x2 = torch.randn(6, 3, 4, dtype=torch.float64)
-    f1, f2 = ext(x1), ext(x2)
-    torch.testing.assert_close(scorer.score_pairs(x1, x2), discrete_frechet_distance(f1, f2))
-    torch.testing.assert_close(scorer.score_batch(x1, x2), discrete_frechet_distance(f1, f2).mean())
-    # a pair's score does not depend on its batch mates (eval mode, no batch statistics)
-    torch.testing.assert_close(scorer.score_pairs(x1[:2], x2[:2]), scorer.score_pairs(x1, x2)[:2])
-    gauss = FRDScorer(ext, mode="gaussian", preprocess=lambda x: x * 2)
-    torch.testing.assert_close(gauss.score_batch(x1, x2), gaussian_frechet_distance(ext(2 * x1), ext(2 * x2)))
-    torch.testing.assert_close(gauss.score_pairs(x1, x2), (ext(2 * x1) - ext(2 * x2)).square().sum(1))
-    ext.train()  # e.g. a parent module's .train(); scoring still runs in eval mode
-    torch.testing.assert_close(scorer.score_pairs(x1, x2), discrete_frechet_distance(f1, f2))
-    assert not ext.training
-    with pytest.raises(ValueError, match="mode must be"):
-        FRDScorer(ext, mode="fid")
-    with pytest.raises(TypeError, match="nn.Module"):
-        FRDScorer(lambda x: x)
-    # works as a Curator scorer
-    res = Curator(scorer, quantile=0.5).select(x1, x2)
-    assert int(res.keep.sum()) == 3
-
-
-def test_from_torchvision_resnet_missing_file_is_clear(tmp_path):
-    missing = tmp_path / "nope" / "resnet18.pth"
-    with pytest.raises(FileNotFoundError) as info:
-        FRDScorer.from_torchvision_resnet(missing, arch="resnet18")
-    msg = str(info.value)
-    assert str(missing) in msg and "never downloads" in msg and "download.pytorch.org" in msg
-    with pytest.raises(ValueError, match="arch must be"):
-        FRDScorer.from_torchvision_resnet(missing, arch="resnet34")
-
-
-def test_from_torchvision_resnet_loads_local_file(tmp_path):
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=1000)
-    path = tmp_path / "r18.pth"
-    torch.save({"state_dict": model.state_dict()}, path)
-    scorer = FRDScorer.from_torchvision_resnet(path, output="pool")
-    loaded = dict(scorer.extractor.named_parameters())
-    assert torch.equal(loaded["conv1.weight"], model.conv1.weight)
-    x = torch.randn(2, 3, 32, 32)
-    assert scorer.features(x).shape == (2, 512)
-    bad = tmp_path / "bad.pth"
-    torch.save({"weight": torch.zeros(3)}, bad)
-    with pytest.raises(ValueError, match="state_dict"):
-        FRDScorer.from_torchvision_resnet(bad)
-
-
-def test_from_online_encoder_restores_modes_and_state():
-    torch.manual_seed(0)
-    enc = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
-    enc.train()
-    enc[2].eval()  # mixed modes must come back exactly
-    before = {m: m.training for m in enc.modules()}
-    running = enc[1].running_mean.clone()
-    scorer = FRDScorer.from_online_encoder(enc)
-    x1, x2 = torch.randn(8, 5), torch.randn(8, 5)
-    s = scorer.score_pairs(x1, x2)
-    assert {m: m.training for m in enc.modules()} == before
-    assert torch.equal(enc[1].running_mean, running)  # scored in eval mode: BN stats untouched
-    assert all(p.requires_grad for p in enc.parameters()) and not s.requires_grad
-    enc.eval()
-    torch.testing.assert_close(s, discrete_frechet_distance(enc(x1), enc(x2)))
-    enc.train()
-
-    class Boom(nn.Module):
-        def forward(self, x):
-            raise RuntimeError("boom")
-
-    boom = Boom().train()
-    with pytest.raises(RuntimeError, match="boom"):
-        FRDScorer.from_online_encoder(boom).score_pairs(x1, x2)
-    assert boom.training  # restored even when the forward fails
+def test_select_scores_equals_select_on_the_same_scores():
+    """Precomputed scores (the methods score their training forward's features) decide exactly as select."""
+    x1, x2 = make_pairs(n=10, bad=(1, 6))
+    scores = sq_dist_scorer(x1, x2)
+    for kw in ({"policy": "drop", "quantile": 0.8}, {"policy": "reweight", "temperature": 0.5}):
+        a = Curator(sq_dist_scorer, **kw).select(x1, x2)
+        b = Curator(None, **kw).select_scores(scores)
+        assert torch.equal(a.keep, b.keep) and a.stats == b.stats
+        assert (a.weights is None and b.weights is None) or torch.equal(a.weights, b.weights)
+    assert (~Curator(None, quantile=0.8).select_scores(scores).keep).nonzero().flatten().tolist() == [1, 6]
+    with pytest.raises(ValueError, match="needs the views"):
+        Curator(None, "resample", threshold=1.0).select_scores(scores)
+    with pytest.raises(ValueError, match="no scorer"):
+        Curator(None, threshold=1.0).select(x1, x2)
+    with pytest.raises(ValueError, match="1-D tensor"):
+        Curator(None, threshold=1.0).select_scores(scores[None])
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -476,12 +410,14 @@ def test_scorer_and_curator_on_cuda():
     )
 
 
-def test_bench_step_share_quick_runs():
-    """`batchmates bench curation` measures the SimCLR step with and without FRD curation (smoke size)."""
-    from batchmates.bench.curation import simclr_step_share
+def test_bench_step_share_quick_runs(capsys):
+    """`batchmates bench curation` measures the simclr step with and without curation (smoke size) and prints
+    the share curation adds."""
+    from batchmates.bench.curation import STEP_CASES, simclr_step_share
 
     rows = simclr_step_share("cpu", quick=True)
-    assert [r.impl for r in rows] == ["batchmates simclr step", "simclr step + frd-pairwise drop"]
+    assert [r.impl for r in rows] == [impl for impl, _ in STEP_CASES]
     assert all(math.isfinite(r.time_ms) and r.time_ms > 0 for r in rows)
-    share = rows[1].extra["added_share"]
-    assert share == pytest.approx((rows[1].time_ms - rows[0].time_ms) / rows[0].time_ms)
+    for r in rows[1:]:
+        assert r.extra["added_share"] == pytest.approx((r.time_ms - rows[0].time_ms) / rows[0].time_ms)
+    assert "curation step share" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""FRD batch curation (The Bad Batches, arXiv:2403.19579) wired into simclr / supcon / barlow: a curated CLI run
-logs the dropped fraction; a threshold dropping nothing is exactly the uncurated step; dropped pairs leave the
-loss exactly; reweight and resample do what they say; and the curated loss is exact on 2 gloo ranks."""
+"""Per-pair batch curation (The Bad Batches, arXiv:2403.19579) wired into simclr / supcon / barlow: a curated CLI
+run logs the dropped fraction; a threshold dropping nothing is exactly the uncurated step (per-pair and batch
+kinds); dropped pairs leave the loss exactly; reweight and resample do what they say; the curated loss is exact on
+2 gloo ranks; frozen extractors work. The batch-level policy has its own file (test_methods_batch_curation.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from batchmates import cli
-from batchmates.curation import Curator
+from batchmates.curation import Curator, gaussian_frechet_distance
 from batchmates.methods import DataInfo, get_method
 from batchmates.testing import ddp_average_grads, run_distributed
 from batchmates.training.config import RunConfig
@@ -48,8 +49,9 @@ def test_cli_curated_simclr_logs_dropped_fraction(tmp_path: Path) -> None:
     assert RunConfig.from_yaml(str(out / "config.yaml")).options["curate"] == "frd-pairwise"
 
 
-@pytest.mark.parametrize("method, curate", [("simclr", "frd-pairwise"), ("supcon", "frd-gaussian"),
-                                            ("barlow", "frd-pairwise")])
+@pytest.mark.parametrize("method, curate", [("simclr", "frd-pairwise"), ("supcon", "pair-sq-l2"),
+                                            ("barlow", "frd-pairwise"), ("simclr", "frd-batch"),
+                                            ("barlow", "frd-batch")])
 def test_threshold_dropping_nothing_is_exactly_uncurated(method: str, curate: str) -> None:
     x, y = batch(32)
     plain = make(method)
@@ -65,7 +67,7 @@ def test_threshold_dropping_nothing_is_exactly_uncurated(method: str, curate: st
     assert len(results[0][1]) == len(results[1][1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert results[1][2]["frac_dropped"] == 0.0 and results[0][2] == {}
-    # scoring ran the backbone in eval mode and restored training mode; BN running stats were not touched by it
+    # scoring added no forward: the BN running stats are those of the one training forward, as uncurated
     assert cur.backbone.training
     for (n1, b1), (_, b2) in zip(plain.backbone.named_buffers(), cur.backbone.named_buffers()):
         assert torch.equal(b1, b2), n1
@@ -75,8 +77,10 @@ def test_threshold_dropping_nothing_is_exactly_uncurated(method: str, curate: st
 def test_drop_removes_exactly_the_dropped_pairs(method: str) -> None:
     x, y = batch(24, seed=1)
     model = make(method, curate="frd-pairwise", curate_threshold=1.0)
+    assert model.curation_scorer is None  # online drop: scored from the training forward's features
     fixed = torch.linspace(0, 2, 24)[torch.randperm(24, generator=torch.Generator().manual_seed(3))]
-    model.curator = Curator(lambda a, b: fixed.clone(), "drop", threshold=1.0)
+    seen = []
+    model.online_pair_scores = lambda spaces: seen.append(spaces) or fixed.clone()
     keep = fixed <= 1.0
     torch.manual_seed(7)
     loss, extra = model.compute_loss((x, y))
@@ -92,13 +96,18 @@ def test_drop_removes_exactly_the_dropped_pairs(method: str) -> None:
         labels = y[keep] if method == "supcon" else None
         ref = model.loss_fn(torch.stack([z1, z2], 1), labels)
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    # the scores were asked for on the detached backbone and projector features of that same forward
+    (h1, h2), (p1, p2) = seen[0]
+    assert not h1.requires_grad and h1.shape == (24, model.backbone.feature_dim)
+    z_ref = (z1, z2) if method == "barlow" else (z[:24], z[24:])
+    assert torch.equal(p1, z_ref[0].detach()) and torch.equal(p2, z_ref[1].detach())
 
 
 def test_reweight_is_weighted_mean_of_per_anchor_losses() -> None:
     x, y = batch(16, seed=2)
-    model = make("supcon", curate="frd-gaussian", curate_policy="reweight", curate_temperature=0.5)
+    model = make("supcon", curate="pair-sq-l2", curate_policy="reweight", curate_temperature=0.5)
     scores = torch.linspace(0, 3, 16)
-    model.curator = Curator(lambda a, b: scores.clone(), "reweight", temperature=0.5)
+    model.online_pair_scores = lambda spaces: scores.clone()
     torch.manual_seed(5)
     loss, extra = model.compute_loss((x, y))
     assert extra["frac_dropped"] == 0.0
@@ -204,7 +213,16 @@ def test_frozen_extractors_resnet_file_and_finished_run(tmp_path: Path) -> None:
     assert cli.main(["train", "--method", "supcon", "--data", "digits", "--epochs", "1", "--max-steps", "2",
                      "--batch-size", "32", "--threads", "1", "--no-progress", "--protocol", "knn",
                      "--out", str(run)]) == 0
-    model = make("barlow", curate="frd-gaussian", curate_extractor=f"run:{run}")
+    model = make("barlow", curate="pair-sq-l2", curate_extractor=f"run:{run}")
     torch.manual_seed(0)
     loss, extra = model.compute_loss((x, y))
     assert torch.isfinite(loss) and extra["frac_dropped"] == pytest.approx(0.25)
+    # the batch-level policy with the same frozen extractor: its score is the Gaussian FRD of the run's features
+    model = make("simclr", curate="frd-batch", curate_extractor=f"run:{run}", curate_threshold=1e30)
+    torch.manual_seed(0)
+    loss, extra = model.compute_loss((x, y))
+    torch.manual_seed(0)
+    v1, v2 = model.train_views(x)
+    ext = model.curation_scorer
+    ref = gaussian_frechet_distance(ext.features(v1), ext.features(v2))
+    assert torch.isfinite(loss) and extra["curate_score"] == pytest.approx(float(ref), rel=1e-12)

@@ -1,10 +1,9 @@
-"""Representative batch curation (The Bad Batches, Göksu & Pugeault 2024, arXiv:2403.19579).
+"""Per-pair curation of two-view batches (The Bad Batches, Göksu & Pugeault 2024, arXiv:2403.19579).
 
-The paper's idea: random augmentations sometimes produce positive pairs whose two views no longer show the
-same content (false positives, and by extension false negatives); score every pair with the Fréchet ResNet
-Distance and train only on representative pairs. What is the paper's: scoring pairs by FRD and removing the
-unrepresentative ones. What is the library's (the paper's procedure was not recoverable): the three policies
-below, the quantile rule, the ``min_keep`` guard, the reweighting formula and the distributed semantics.
+Paper: random augmentations create unrepresentative positive pairs (false positives/negatives); data is scored
+with the Fréchet ResNet Distance and only representative data is trained on. Library choices: scoring *pairs*
+(the reviews' reading scores whole batches, see :mod:`batchmates.curation.batch`), the three policies below,
+the quantile rule, the ``min_keep`` guard, the reweighting formula and the distributed semantics.
 
 Policies (``Curator(scorer, policy=...)``):
 
@@ -67,8 +66,9 @@ class Curator:
     """Scores the pairs of a two-view batch and decides which to train on (see the module docstring).
 
     Args:
-        scorer: an :class:`~batchmates.curation.FRDScorer` (anything with ``score_pairs(x1, x2) -> [B]``) or a
-            callable ``(x1, x2) -> [B]`` scores.
+        scorer: an :class:`~batchmates.curation.FRDScorer` (anything with ``score_pairs(x1, x2) -> [B]``), a
+            callable ``(x1, x2) -> [B]`` scores, or None when the caller computes the scores itself and passes
+            them to :meth:`select_scores` (e.g. from the features of its training forward).
         policy: ``"drop"``, ``"reweight"`` or ``"resample"``.
         threshold: drop/resample pairs with ``score > threshold``.
         quantile: ``q`` in (0, 1]: keep the ``ceil(q * N)`` lowest-scoring pairs of the global batch of ``N``
@@ -100,12 +100,14 @@ class Curator:
         normalize: bool = True,
         resample_fn: ResampleFn | None = None,
     ) -> None:
+        self._score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
         if hasattr(scorer, "score_pairs"):
-            self._score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = scorer.score_pairs
-        elif callable(scorer):
+            self._score = scorer.score_pairs
+        elif callable(scorer) or scorer is None:
             self._score = scorer
         else:
-            raise TypeError("scorer must have a score_pairs(x1, x2) method (e.g. FRDScorer) or be a callable")
+            raise TypeError("scorer must have a score_pairs(x1, x2) method (e.g. FRDScorer), be a callable, or be "
+                            "None (then pass precomputed scores to select_scores)")
         if policy not in ("drop", "reweight", "resample"):
             raise ValueError(f"policy must be 'drop', 'reweight' or 'resample', got {policy!r}")
         if policy == "reweight":
@@ -158,16 +160,37 @@ class Curator:
         return bad, True
 
     def _local_scores(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        s = self._score(x1, x2)
-        if not isinstance(s, torch.Tensor) or s.shape != (x1.shape[0],):
+        if self._score is None:
+            raise ValueError("this Curator has no scorer (scorer=None): pass the scores to select_scores(scores)")
+        return self._check_scores(self._score(x1, x2), x1.shape[0])
+
+    @staticmethod
+    def _check_scores(s: object, n: int) -> torch.Tensor:
+        if not isinstance(s, torch.Tensor) or s.shape != (n,):
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"the scorer must return one score per pair, shape [{x1.shape[0]}], got {got}")
+            raise ValueError(f"the scorer must return one score per pair, shape [{n}], got {got}")
         s = s.detach()
         if not bool(torch.isfinite(s).all()):
             raise ValueError("the scorer returned NaN/Inf scores; check the inputs and the extractor")
         return s
 
     # ------------------------------------------------------------------ main entry
+    @torch.no_grad()
+    def select_scores(self, scores: torch.Tensor) -> CurationResult:
+        """Apply the ``"drop"`` or ``"reweight"`` policy to this rank's precomputed per-pair ``scores [B]``.
+
+        For callers that score the features their training forward already computed (no extra forward). Must be
+        called on every rank. ``"resample"`` needs the views: use :meth:`select`.
+        """
+        if self.policy == "resample":
+            raise ValueError("policy='resample' needs the views and a resample_fn: call select(x1, x2, ...) instead "
+                             "of select_scores")
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"scores must be a 1-D tensor [B] with one score per pair of this rank, got {got}")
+        scores = self._check_scores(scores, scores.shape[0])
+        return self._decide(scores, None, None, None)
+
     @torch.no_grad()
     def select(self, x1: torch.Tensor, x2: torch.Tensor, *, resample_fn: ResampleFn | None = None) -> CurationResult:
         """Score this rank's pairs ``(x1[i], x2[i])`` and apply the policy over the global batch.
@@ -187,9 +210,12 @@ class Curator:
         resample_fn = resample_fn if resample_fn is not None else self.resample_fn
         if self.policy == "resample" and resample_fn is None:
             raise ValueError("policy='resample' needs resample_fn=... (in Curator(...) or select(...))")
+        return self._decide(self._local_scores(x1, x2), x1, x2, resample_fn)
 
-        n_local = x1.shape[0]
-        scores = self._local_scores(x1, x2)
+    def _decide(
+        self, scores: torch.Tensor, x1: torch.Tensor | None, x2: torch.Tensor | None, resample_fn: ResampleFn | None
+    ) -> CurationResult:
+        n_local = scores.shape[0]
         g = bdist.gather(scores.to(torch.float64))
         sl = bdist.local_slice(n_local)
         n = g.numel()

@@ -182,6 +182,35 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
     return (evecs * evals.clamp_min(0).sqrt().unsqueeze(0)) @ evecs.T
 
 
+def _trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``Tr (s1 s2)^{1/2}`` of two symmetric PSD matrices, as ``Tr (s1^{1/2} s2 s1^{1/2})^{1/2}``."""
+    r1 = _sqrt_psd(s1)
+    mid = r1 @ s2 @ r1
+    mid = 0.5 * (mid + mid.T)
+    return torch.linalg.eigvalsh(mid).clamp_min(0).sqrt().sum()
+
+
+def _trace_sqrt_product_lowrank(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """``Tr ((aᵀa + eps I)(bᵀb + eps I))^{1/2}`` for ``a [N, D]``, ``b [M, D]`` with ``N + M < D``, exactly.
+
+    Both matrices act as ``eps I`` on the orthogonal complement of the row space of ``c = [a; b]`` and leave that
+    row space invariant, so the trace is the one of the ``r x r`` problem on the row space plus ``(D - r) * eps``.
+    An orthonormal basis ``Q = cᵀ U Λ^{-1/2}`` of the row space comes from ``eigh(c cᵀ)``, and ``a Q``, ``b Q``
+    from the Gram matrix alone, so the cost is ``O((N + M)² D + (N + M)³)`` instead of ``O(D³)``.
+    """
+    n, d = a.shape
+    c = torch.cat([a, b])
+    g = c @ c.T
+    lam, u = torch.linalg.eigh(0.5 * (g + g.T))
+    tol = lam.max().clamp_min(0) * c.shape[0] * torch.finfo(lam.dtype).eps
+    keep = lam > tol
+    basis = u[:, keep] / lam[keep].sqrt()
+    aq, bq = g[:n] @ basis, g[n:] @ basis
+    eye = torch.eye(basis.shape[1], dtype=a.dtype, device=a.device)
+    r = basis.shape[1]
+    return _trace_sqrt_product(aq.T @ aq + eps * eye, bq.T @ bq + eps * eye) + (d - r) * eps
+
+
 def gaussian_frechet_distance(x: torch.Tensor, y: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """Fréchet distance between Gaussians fitted to the rows of ``x`` and of ``y`` (the FID formula).
 
@@ -200,6 +229,9 @@ def gaussian_frechet_distance(x: torch.Tensor, y: torch.Tensor, *, eps: float = 
       than dimensions + 1), ``eps * I`` is added to *both* covariances before the square root and the traces;
       with ``N > D`` and ``M > D`` nothing is added (``eps`` is then unused). This mirrors the offset of the
       common FID code but applies it by a deterministic rule rather than on failure.
+    * When ``N + M < D`` (small batches of wide features, e.g. a Barlow Twins projector) the same regularised
+      value is computed on the ``N + M``-dimensional span of the centred rows (both covariances are ``eps I``
+      outside it; see ``_trace_sqrt_product_lowrank``): exact, at ``O((N + M)² D)`` instead of ``O(D³)``.
     * The result is clamped at 0 (it can only be negative by round-off).
 
     Args:
@@ -221,18 +253,18 @@ def gaussian_frechet_distance(x: torch.Tensor, y: torch.Tensor, *, eps: float = 
     with torch.no_grad():
         x = x.detach().to(torch.float64)
         y = y.detach().to(torch.float64)
-        d = x.shape[1]
+        n, m, d = x.shape[0], y.shape[0], x.shape[1]
         mu1, mu2 = x.mean(0), y.mean(0)
-        xc, yc = x - mu1, y - mu2
-        s1 = xc.T @ xc / (x.shape[0] - 1)
-        s2 = yc.T @ yc / (y.shape[0] - 1)
-        if x.shape[0] <= d or y.shape[0] <= d:
+        a = (x - mu1) / (n - 1) ** 0.5  # Σ1 = aᵀa
+        b = (y - mu2) / (m - 1) ** 0.5
+        singular = n <= d or m <= d
+        off = float(eps) if singular else 0.0
+        trace_s1 = a.square().sum() + d * off
+        trace_s2 = b.square().sum() + d * off
+        if singular and n + m < d:
+            tr_covmean = _trace_sqrt_product_lowrank(a, b, off)
+        else:
             eye = torch.eye(d, dtype=torch.float64, device=x.device)
-            s1 = s1 + eps * eye
-            s2 = s2 + eps * eye
-        r1 = _sqrt_psd(s1)
-        mid = r1 @ s2 @ r1
-        mid = 0.5 * (mid + mid.T)
-        tr_covmean = torch.linalg.eigvalsh(mid).clamp_min(0).sqrt().sum()
-        dist = (mu1 - mu2).square().sum() + torch.diagonal(s1).sum() + torch.diagonal(s2).sum() - 2 * tr_covmean
+            tr_covmean = _trace_sqrt_product(a.T @ a + off * eye, b.T @ b + off * eye)
+        dist = (mu1 - mu2).square().sum() + trace_s1 + trace_s2 - 2 * tr_covmean
         return dist.clamp_min(0)

@@ -1,14 +1,17 @@
-"""Fréchet ResNet Distance (FRD) scoring of two-view batches (The Bad Batches, arXiv:2403.19579).
+"""Scoring two-view batches with a feature extractor (The Bad Batches, Göksu & Pugeault 2024, arXiv:2403.19579).
 
-The paper scores each positive pair (two augmentations of one image) by the Fréchet ResNet Distance between
-the views' features from a frozen ResNet and trains only on representative pairs. Its exact procedure was not
-recoverable, so both readings are offered behind one interface (``mode``):
+Paper (as far as it could be recovered, see ``docs/curation.md``): views are scored with the Fréchet ResNet
+Distance (FRD) of a frozen ResNet's features and only representative data is trained on. The readings offered
+behind one interface (``mode``):
 
-* ``"pairwise"`` (the original FRD of GestureGAN, arXiv:1808.04859, which The Bad Batches cites): each view's
-  feature vector (the ResNet's 1000-d output in the original) is a 1-D curve and a pair's score is the discrete
-  Fréchet distance between its two curves.
-* ``"gaussian"`` (library reading): the batch score is the FID-style Fréchet distance between Gaussians fitted
-  to the two views' feature sets.
+* ``"pairwise"``: FRD's original definition (GestureGAN, arXiv:1808.04859): each view's feature vector (the
+  ResNet's 1000-d output in the original) is a 1-D curve and a pair's score is the discrete Fréchet distance
+  between its two curves (:func:`~batchmates.curation.discrete_frechet_distance`).
+* ``"sq-l2"``: a per-pair squared L2 distance ``‖f1 − f2‖²`` (library choice, not FRD; cheaper than the
+  discrete Fréchet DP). Before it had this name it was served as ``"gaussian"`` per-pair scores.
+* ``"gaussian"``: the reviews' reading: *one score per batch*, the Gaussian Fréchet distance between the two
+  views' feature sets (:func:`~batchmates.curation.gaussian_frechet_distance`). It has no per-pair score:
+  :meth:`FRDScorer.score_pairs` refuses it.
 
 The extractor is any ``nn.Module`` mapping a batch of images to features (flattened to ``[B, F]``): a frozen
 model (``FRDScorer(module)``), torchvision's ResNet with weights from a local file
@@ -28,14 +31,44 @@ from torch import nn
 
 from batchmates.curation.frechet import discrete_frechet_distance, gaussian_frechet_distance
 
-__all__ = ["FRDScorer"]
+__all__ = ["FRDScorer", "squared_l2_distance", "pair_distance", "MODES"]
 
 _RESNET_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
 }
 
-Mode = Literal["pairwise", "gaussian"]
+Mode = Literal["pairwise", "sq-l2", "gaussian"]
+MODES = ("pairwise", "sq-l2", "gaussian")
+
+
+def squared_l2_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-pair squared L2 distance ``‖p_i − q_i‖²`` of ``[P, D]`` features -> ``[P]`` (no gradient).
+
+    Library choice (``mode="sq-l2"``, ``--curate pair-sq-l2``): not a Fréchet distance. float64 if either input
+    is float64, else float32.
+    """
+    for name, x in (("p", p), ("q", q)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a floating-point [P, D] feature tensor, got {got}")
+    if p.shape != q.shape:
+        raise ValueError(f"p and q must have equal shapes [P, D], got {tuple(p.shape)} and {tuple(q.shape)}")
+    dtype = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
+    return (p.detach().to(dtype) - q.detach().to(dtype)).square().sum(1)
+
+
+def pair_distance(mode: str, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """Per-pair scores ``[P]`` of ``mode`` (``"pairwise"`` or ``"sq-l2"``) on features ``[P, D]``."""
+    if mode == "pairwise":
+        return discrete_frechet_distance(f1, f2)
+    if mode == "sq-l2":
+        return squared_l2_distance(f1, f2)
+    raise ValueError(
+        f"mode {mode!r} has no per-pair score: the Gaussian FRD scores the whole batch (use score_batch, or "
+        "batch_frd / BatchCurator); for per-pair scores use mode='pairwise' (discrete Fréchet distance, FRD's "
+        "original definition) or mode='sq-l2' (squared L2 distance)"
+    )
 
 
 class FRDScorer:
@@ -45,8 +78,9 @@ class FRDScorer:
         extractor: module mapping ``[B, ...]`` inputs to ``[B, ...]`` features (flattened to ``[B, F]``).
             The scorer owns it: it is put in eval mode, its parameters stop requiring gradients, and it is moved
             to the device of the inputs on first use (so a scorer built on CPU follows the training device).
-        mode: ``"pairwise"`` (discrete Fréchet distance per pair) or ``"gaussian"`` (Gaussian Fréchet distance
-            between the two view batches). See :meth:`score_pairs` and :meth:`score_batch`.
+        mode: ``"pairwise"`` (discrete Fréchet distance per pair), ``"sq-l2"`` (squared L2 distance per pair)
+            or ``"gaussian"`` (one Gaussian Fréchet distance between the two view batches; batch scores only).
+            See :meth:`score_pairs` and :meth:`score_batch`.
         preprocess: optional callable applied to each view batch before the extractor (e.g. resizing to 224 and
             ImageNet normalisation for a torchvision ResNet, or repeating a grey channel to 3).
 
@@ -64,8 +98,11 @@ class FRDScorer:
     ) -> None:
         if not isinstance(extractor, nn.Module):
             raise TypeError(f"extractor must be a torch.nn.Module, got {type(extractor).__name__}")
-        if mode not in ("pairwise", "gaussian"):
-            raise ValueError(f"mode must be 'pairwise' or 'gaussian', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(
+                f"mode must be one of {list(MODES)} ('pairwise': discrete Fréchet per pair; 'sq-l2': squared L2 "
+                f"per pair; 'gaussian': Gaussian Fréchet distance of the whole batch), got {mode!r}"
+            )
         if preprocess is not None and not callable(preprocess):
             raise TypeError(f"preprocess must be callable or None, got {type(preprocess).__name__}")
         self.extractor = extractor
@@ -133,7 +170,9 @@ class FRDScorer:
         mode: Mode = "pairwise",
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> FRDScorer:
-        """Score with the current training encoder (library option; the paper uses a frozen ResNet).
+        """Score with the current training encoder in a *separate* no-grad forward (library option; the paper
+        uses a frozen ResNet). Costs one extra forward of both views; the methods avoid it by scoring the
+        features of their own training forward (see :mod:`batchmates.methods.curation`).
 
         The module is not frozen or moved: each scoring call switches it to eval mode under ``torch.no_grad`` and
         then restores every submodule's previous ``training`` flag, so BatchNorm running statistics are not
@@ -196,27 +235,24 @@ class FRDScorer:
         """Per-pair scores ``[B]`` from already-extracted features ``[B, F]`` of the two views.
 
         ``"pairwise"``: discrete Fréchet distance between ``f1[i]`` and ``f2[i]`` as 1-D curves.
-        ``"gaussian"``: ``‖f1[i] − f2[i]‖²``, which is exactly the Gaussian Fréchet distance between the two
-        one-sample (zero-covariance) distributions of pair ``i`` (library choice: the Gaussian reading has no
-        per-pair score of its own).
+        ``"sq-l2"``: ``‖f1[i] − f2[i]‖²``. ``"gaussian"`` has no per-pair score (``ValueError``).
         """
-        if self.mode == "pairwise":
-            return discrete_frechet_distance(f1, f2)
-        if f1.shape != f2.shape or f1.dim() != 2:
-            raise ValueError(f"features must be [B, F] of equal shapes, got {tuple(f1.shape)} and {tuple(f2.shape)}")
-        dtype = torch.float64 if torch.float64 in (f1.dtype, f2.dtype) else torch.float32
-        return (f1.to(dtype) - f2.to(dtype)).square().sum(1)
+        return pair_distance(self.mode, f1, f2)
 
     def score_pairs(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Score ``[B]`` of each positive pair ``(x1[i], x2[i])``; higher = less representative."""
         self._check_views(x1, x2)
+        if self.mode == "gaussian":
+            pair_distance(self.mode, x1, x2)  # raises: the Gaussian FRD scores batches, not pairs
         return self.score_features(self.features(x1), self.features(x2))
 
     def score_batch(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """One score for the whole two-view batch (scalar).
 
         ``"gaussian"``: :func:`gaussian_frechet_distance` between the feature sets of the two views (float64;
-        needs ``B >= 2``). ``"pairwise"``: the mean of the per-pair scores (library choice).
+        needs ``B >= 2``). ``"pairwise"`` / ``"sq-l2"``: the mean of the per-pair scores (library choice).
+        Local only: under ``torch.distributed`` use :func:`batchmates.curation.global_batch_frd` on the features
+        for the score of the global batch.
         """
         self._check_views(x1, x2)
         f1, f2 = self.features(x1), self.features(x2)

@@ -14,8 +14,8 @@ Library choices:
   implementation is a runtime dependency here and we do not write one: ``barlow`` uses the trainer's SGD-momentum
   or AdamW (default on digits: AdamW) with warm-up and cosine decay; biases and norms have no weight decay.
 * Linear classifier = the trainer's linear probe on the frozen ``embed`` features (no ``classify``).
-* Batch curation by FRD (The Bad Batches, arXiv:2403.19579; options ``curate*``, see
-  :mod:`batchmates.methods.curation`) with the ``drop`` and ``resample`` policies; dropped pairs are removed
+* Batch curation (The Bad Batches, arXiv:2403.19579; options ``curate*``, see :mod:`batchmates.methods.curation`):
+  ``frd-batch`` (skip / reaugment) and the per-pair ``drop`` and ``resample`` policies; dropped pairs are removed
   from the projector outputs before the loss. ``reweight`` is not defined (the loss is a function of batch
   statistics, with no per-pair terms) and is rejected with a ``ConfigError``.
 """
@@ -103,16 +103,20 @@ class BarlowTwins(CurationMixin, Method):
             z1, z2, _ = apply_curation(z1, z2, result)
         return self.loss_fn(z1, z2)
 
+    def encode_views(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(h1, h2, z1, z2)``: two forward passes, as the official code (BatchNorm statistics are per view);
+        curation scores these features (detached) instead of a second forward."""
+        h1, h2 = self.backbone(v1), self.backbone(v2)
+        return h1, h2, self.projector(h1), self.projector(h2)
+
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss of a ``(uint8 images, labels)`` batch (labels unused) and the curation statistics."""
-        x = batch[0]
-        v1, v2 = self.train_views(x)
-        v1, v2, result = self.curate_views(x, v1, v2)
-        # Two forward passes, as the official code: BatchNorm statistics are per view.
-        z1, z2 = self.project(v1), self.project(v2)
-        return self.barlow_loss(z1, z2, result), self.curation_log(result)
+        cv = self.curated_forward(batch[0])
+        if cv.skip:  # a batch-level policy rejected the batch: a zero loss, no update (see methods.curation)
+            return self.curation_skip_loss(), cv.log
+        return self.barlow_loss(cv.z1, cv.z2, cv.result), cv.log
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, extra = self.compute_loss(batch)
-        self.log_train(loss, batch_size=int(batch[0].shape[0]), **extra)
+        self.log_curated(loss, batch_size=int(batch[0].shape[0]), extra=extra)
         return loss

@@ -100,19 +100,25 @@ class ContrastiveMethod(CurationMixin, Method):
             return weighted_mean(self.loss_per_anchor(feats, labels), weights)
         return self.loss_fn(feats, labels)
 
+    def encode_views(self, v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Backbone features and normalised projections ``(h1, h2, z1, z2)`` of both views in one pass (BatchNorm
+        sees both views, as the official code); curation scores these (detached) instead of a second forward."""
+        n = v1.shape[0]
+        h = self.backbone(torch.cat([v1, v2], dim=0))
+        z = F.normalize(self.head(h), dim=1)
+        return h[:n], h[n:], z[:n], z[n:]
+
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss of a ``(uint8 images, labels)`` batch and the step's curation statistics."""
         x, y = batch[0], batch[1]
-        v1, v2 = self.train_views(x)
-        v1, v2, result = self.curate_views(x, v1, v2)
-        n = v1.shape[0]
-        z = self.project(torch.cat([v1, v2], dim=0))  # one pass: BatchNorm sees both views (official)
-        loss = self.contrastive_loss(z[:n], z[n:], y if self.use_labels else None, result)
-        return loss, self.curation_log(result)
+        cv = self.curated_forward(x)
+        if cv.skip:  # a batch-level policy rejected the batch: a zero loss, no update (see methods.curation)
+            return self.curation_skip_loss(), cv.log
+        return self.contrastive_loss(cv.z1, cv.z2, y if self.use_labels else None, cv.result), cv.log
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, extra = self.compute_loss(batch)
-        self.log_train(loss, batch_size=int(batch[0].shape[0]), **extra)
+        self.log_curated(loss, batch_size=int(batch[0].shape[0]), extra=extra)
         return loss
 
 
