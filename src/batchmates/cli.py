@@ -3,6 +3,12 @@
 Every subcommand has ``--help`` with examples. Errors in arguments or missing data print one clear message
 (naming the argument and the fix) and exit with status 2 (bad arguments) or 1 (run failure), without a traceback;
 set ``BATCHMATES_DEBUG=1`` to see the traceback.
+
+Paper: none (library infrastructure).
+
+Library choices: the run-setting flags of ``train`` and ``compare`` are generated from the schema of
+:class:`batchmates.config.RunConfig` (one declaration per setting); ``compare`` takes named variants
+(:mod:`batchmates.training.variants`).
 """
 
 from __future__ import annotations

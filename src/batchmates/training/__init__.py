@@ -1,10 +1,17 @@
-"""Training and evaluation on Lightning: ``train``/``resume`` a run, ``evaluate`` it, ``compare`` methods.
+"""Training and evaluation on Lightning: ``train``/``resume`` a run, ``evaluate`` it, ``compare`` variants.
 
-Submodules: ``config`` (RunConfig, Option), ``run`` (train/resume), ``evaluate`` (accuracy, kNN, linear probe,
-corruptions), ``compare``, ``io`` (atomic writes), ``plots``. Lightning is imported only when training starts.
+Submodules: ``run`` (train/resume), ``data`` (the LightningDataModule: loaders, label noise, DataInfo),
+``callbacks`` (history, throughput, per-step seeding), ``rundir`` (the run directory: file names, ``load_run``),
+``evaluate`` (accuracy, kNN, linear probe, corruptions), ``compare`` and ``variants`` (named variants x seeds),
+``plots``, ``checkpoint_io`` (atomic checkpoints). ``config`` and ``io`` re-export :mod:`batchmates.config` and
+:mod:`batchmates.io` for older imports.
+
+Paper: none (library infrastructure).
+
+Library choices: Lightning is imported only when training starts (``import batchmates.training`` stays light).
 """
 
-from batchmates.training.config import ConfigError, Option, RunConfig
+from batchmates.config import ConfigError, Option, RunConfig
 
 __all__ = ["RunConfig", "Option", "ConfigError", "train", "resume", "evaluate", "compare"]
 

@@ -1,6 +1,9 @@
 """Atomic checkpoint writes for Lightning: temp file in the same directory, fsync, then ``os.replace``.
 
-A module-level class (not a closure) so that ``strategy="ddp_spawn"`` can pickle the trainer's plugins.
+Paper: none (library infrastructure).
+
+Library choices: a module-level class (not a closure) so that ``strategy="ddp_spawn"`` can pickle the trainer's
+plugins; the write itself is :func:`batchmates.io.atomic_save_torch`.
 """
 
 from __future__ import annotations

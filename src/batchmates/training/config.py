@@ -1,7 +1,9 @@
 """Run configuration; moved to :mod:`batchmates.config` (the bottom floor), re-exported here for old imports.
 
-Importing this module also imports :mod:`batchmates.methods`, so ``RunConfig.resolve()`` finds the method
-classes by name, as it always did from here.
+Paper: none (library infrastructure).
+
+Library choices: importing this module also imports :mod:`batchmates.methods`, so ``RunConfig.resolve()`` finds
+the method classes by name, as it always did from here; new code imports :mod:`batchmates.config`.
 """
 
 from batchmates.config import (

@@ -3,17 +3,22 @@
 * ``accuracy``: top-1 of the method's own classifier (``Method.classify``); for methods without one, the linear
   probe's top-1 (so every method reports an "accuracy").
 * ``knn``: weighted k-nearest-neighbour classification on L2-normalised frozen features with cosine similarity,
-  each of the k neighbours voting ``exp(sim / T)`` for its class, T = 0.07, k = 20 and 200 (the protocol of Wu et
-  al. 2018, InstDisc, arXiv:1805.01978, as used by DINO, arXiv:2104.14294).
-* ``linear``: multinomial logistic regression on standardised frozen features (train-split mean/std), fitted
-  full-batch with L-BFGS and a small L2 penalty (library choice: deterministic and fast on precomputed features,
-  no augmentation).
-* corruptions (IBAFormer's domain-shift protocol, arXiv:2309.06282, adapted to image classification): classifier
-  top-1 on the deterministic corrupted test sets of :mod:`batchmates.data.corruptions`.
+  each of the k neighbours voting ``exp(sim / T)`` for its class.
+* ``linear``: multinomial logistic regression on standardised frozen features (train-split mean/std).
+* corruptions: classifier top-1 on the deterministic corrupted test sets of :mod:`batchmates.data.corruptions`.
 
-Features are extracted in eval mode, with batch-relational modules in ``eval_mode="independent"`` unless the run
-says otherwise, so no test prediction depends on the other test images. If the run used label noise, the
-probes are fitted on the same noisy training labels the method saw.
+Paper: the weighted kNN follows InstDisc (Wu et al. 2018, arXiv:1805.01978) as used by DINO
+(arXiv:2104.14294); the corrupted test sets adapt IBAFormer's domain-shift evaluation (arXiv:2309.06282) to
+image classification.
+
+Library choices:
+
+* kNN with T = 0.07 and k = 20 and 200.
+* The linear probe is fitted full-batch with L-BFGS and a small L2 penalty: deterministic and fast on
+  precomputed features, no augmentation.
+* Features are extracted in eval mode, with batch-relational modules in ``eval_mode="independent"`` unless the
+  run says otherwise, so no test prediction depends on the other test images.
+* If the run used label noise, the probes are fitted on the same noisy training labels the method saw.
 """
 
 from __future__ import annotations

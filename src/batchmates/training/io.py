@@ -1,4 +1,7 @@
-"""Atomic file output; moved to :mod:`batchmates.io` (the bottom floor), re-exported here for old imports."""
+"""Atomic file output; moved to :mod:`batchmates.io` (the bottom floor), re-exported here for old imports.
+
+Paper: none (library infrastructure). Library choices: a re-export only; new code imports :mod:`batchmates.io`.
+"""
 
 from batchmates.io import (
     atomic_open,

@@ -1,4 +1,9 @@
-"""Matplotlib figures (Agg backend, written atomically): training curves and the compare bar chart."""
+"""Matplotlib figures: training curves and the compare bar chart.
+
+Paper: none (library infrastructure).
+
+Library choices: the Agg backend (no display needed), PNG bytes written atomically (:mod:`batchmates.io`).
+"""
 
 from __future__ import annotations
 
