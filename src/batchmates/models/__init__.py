@@ -74,7 +74,14 @@ def create_backbone(
     ``attn_layer`` names an attention layer for every residual block (see
     :func:`~batchmates.models.layers.available_attn_layers`); other keywords go to the backbone's
     constructor (``attn_placement``, ``attn_kwargs``, ``widths``, ``blocks``, ``mixers``, ``mixer_kwargs``, ...).
+    Names with a ``":"`` (``"timm:resnet18"``, ``"torchvision:resnet18"``) go to
+    :func:`~batchmates.models.foreign.create_foreign_backbone` (keywords ``pretrained_path``, ``model_kwargs``, ...).
     """
+    if isinstance(name, str) and ":" in name:
+        from batchmates.models.foreign import create_foreign_backbone
+
+        return create_foreign_backbone(name, in_channels=in_channels, image_size=image_size,
+                                       attn_layer=attn_layer, **kw)
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {available_backbones()}")
     for arg, v in (("in_channels", in_channels), ("image_size", image_size)):
