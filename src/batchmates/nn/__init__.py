@@ -19,6 +19,7 @@ from .ba2m import BA2M
 from .batch_transformer import BatchTransformerHead
 from .batchformer import BatchFormer
 from .class_batch_attention import ClassBatchAttention
+from .ibaformer_convert import to_ibaformer
 from .intra_batch_attention import IntraBatchAttention, intra_batch_attention
 from .multi_level_attention import MultiLevelAttention
 
@@ -30,4 +31,5 @@ __all__ = [
     "IntraBatchAttention",
     "MultiLevelAttention",
     "intra_batch_attention",
+    "to_ibaformer",
 ]
