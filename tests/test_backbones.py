@@ -87,10 +87,12 @@ def test_se_in_every_block_on_the_residual_branch(name, n_blocks):
     blocks = [m for m in net.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == n_blocks and all(isinstance(b.attn, SqueezeExcite) for b in blocks)
     assert sum(isinstance(m, SqueezeExcite) for m in net.modules()) == n_blocks
+    gates = {}
+    for i, b in enumerate(blocks):  # the per-sample channel gates are the output of the SE's `gate` submodule
+        b.attn.gate.register_forward_hook(lambda mod, args, out, i=i: gates.__setitem__(i, out))
     net.train()
     net(torch.randn(2, 3, 32, 32))
-    assert all(b.attn.last_attention is not None and b.attn.last_attention.shape == (2, b.bn2.num_features)
-               for b in blocks)  # fmt: skip
+    assert all(gates[i].shape == (2, b.bn2.num_features, 1, 1) and gates[i].requires_grad for i, b in enumerate(blocks))
     # the gate really sits before the sum: zeroing the gates leaves relu(shortcut(x))
     blk = blocks[0].eval()
     nn.init.zeros_(blk.attn.fc2.weight)

@@ -24,6 +24,8 @@ per-class statistics, so the term is the global-batch one on every rank.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -39,8 +41,9 @@ __all__ = ["ChannelCorrelation", "se_like_layers"]
 
 
 def se_like_layers(module: nn.Module) -> list[nn.Module]:
-    """Submodules exposing per-sample channel gates ``last_attention`` (SE and SE-like layers), in module order."""
-    return [m for m in module.modules() if hasattr(m, "last_attention")]
+    """SE-like submodules, in module order: those with a ``gate`` submodule that outputs the per-sample channel
+    gates ``[N, C, 1, 1]`` in ``(0, 1)`` (:class:`~batchmates.nn.SqueezeExcite`)."""
+    return [m for m in module.modules() if isinstance(getattr(m, "gate", None), nn.Module)]
 
 
 @register_method("cc")
@@ -77,7 +80,7 @@ class ChannelCorrelation(Method):
         self.se_layers = se_like_layers(self.backbone)
         if not self.se_layers:
             raise ConfigError(
-                f"method 'cc' found no SE-like layer (one exposing last_attention) in backbone {cfg.backbone!r} with "
+                f"method 'cc' found no SE-like layer (one with a `gate` submodule) in backbone {cfg.backbone!r} with "
                 f"attn_layer={cfg.attn_layer!r}; use --attn-layer se on a convolutional backbone (cnn, resnet-small, "
                 "resnet18)"
             )
@@ -88,19 +91,23 @@ class ChannelCorrelation(Method):
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(x))
 
-    def collect_attention(self) -> list[torch.Tensor]:
-        """The ``[N, C]`` gate vectors of the last training forward, per used SE layer (``cc_layers``)."""
+    @contextlib.contextmanager
+    def capture_gates(self) -> Iterator[list[torch.Tensor]]:
+        """Collect the ``[N, C]`` gates (with gradient) of the used SE layers (``cc_layers``) during the forward
+        inside the ``with`` block, through forward hooks on their ``gate`` submodules, removed on exit."""
         layers = self.se_layers[-1:] if self.opts["cc_layers"] == "last" else self.se_layers
-        out = []
-        for m in layers:
-            a = m.last_attention
-            if a is None:
-                raise RuntimeError(
-                    f"{type(m).__name__}.last_attention is None: SE gates are kept only in training mode, after a "
-                    "forward; call collect_attention() right after a training-mode forward"
-                )
-            out.append(a)
-        return out
+        gates: list[torch.Tensor] = []
+        handles = [m.gate.register_forward_hook(lambda mod, args, out: gates.append(out.flatten(1))) for m in layers]
+        try:
+            yield gates
+        finally:
+            for h in handles:
+                h.remove()
+        if len(gates) != len(layers):
+            raise RuntimeError(
+                f"method 'cc' expected one gate tensor per used SE layer ({len(layers)}) from one forward, got "
+                f"{len(gates)}; run exactly one backbone forward inside capture_gates()"
+            )
 
     def cc_term(self, attention: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """``L_cc`` of one layer, or the mean of the per-layer terms (``cc_layers="all"``)."""
@@ -109,11 +116,10 @@ class ChannelCorrelation(Method):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        for m in self.se_layers:
-            m.last_attention = None  # never reuse gates of an earlier forward
-        logits = self.classify(self.train_views(x))
+        with self.capture_gates() as gates:
+            logits = self.classify(self.train_views(x))
         ce = F.cross_entropy(logits.float(), y)
-        cc = self.cc_term(self.collect_attention(), y)
+        cc = self.cc_term(gates, y)
         loss = ce + self.opts["lambda_cc"] * cc
         acc = (logits.detach().argmax(dim=1) == y).float().mean()
         self.log_train(loss, batch_size=x.shape[0], acc=acc, ce=ce.detach(), cc=cc.detach())

@@ -1,9 +1,13 @@
 """Attention layers registered by name, timm-style, so a backbone swaps ``"se"`` for ``"ba2m"`` by string.
 
-Every residual block of a batchmates backbone calls ``create_attn_layer(name, channels)`` and applies the
+Every residual block of a batchmates backbone calls ``create_attn_layer(layer, channels)`` and applies the
 result to its residual branch before the sum (where SE/CBAM sit). ``"none"`` is the identity.
-Register a new layer with ``@register_attn_layer("name")`` on a class whose constructor takes ``channels``
-first; extra keyword options pass through ``create_attn_layer(name, channels, **kwargs)``.
+
+Library choices: the registry points down, as timm's factories do: this module imports its members
+(:class:`~batchmates.nn.SqueezeExcite` as ``"se"``, :class:`~batchmates.nn.BA2M` as ``"ba2m"``) and registers
+them itself; the layers know nothing of the backbones. Register another layer with
+``@register_attn_layer("name")`` on a class whose constructor takes ``channels`` first, or pass the class itself
+as ``attn_layer``; extra keyword options pass through ``create_attn_layer(layer, channels, **kwargs)``.
 """
 
 from __future__ import annotations
@@ -13,66 +17,53 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["register_attn_layer", "create_attn_layer", "available_attn_layers", "SqueezeExcite", "Backbone"]
+from batchmates.nn.ba2m import BA2M
+from batchmates.nn.squeeze_excite import SqueezeExcite
+from batchmates.registry import Registry, UnknownNameError
 
-_ATTN_LAYERS: dict[str, Callable[..., nn.Module]] = {}
+__all__ = [
+    "ATTN_LAYERS",
+    "register_attn_layer",
+    "create_attn_layer",
+    "available_attn_layers",
+    "SqueezeExcite",
+    "Backbone",
+]
+
+#: Attention layers by ``--attn-layer`` name (``"none"``, the identity, is implicit).
+ATTN_LAYERS: Registry[Callable[..., nn.Module]] = Registry("attention layer", flag="attn_layer")
+ATTN_LAYERS.register("se", SqueezeExcite)
+ATTN_LAYERS.register("ba2m", BA2M)
 
 
 def register_attn_layer(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Class decorator: make an attention layer available to backbones under ``name``."""
-
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _ATTN_LAYERS and _ATTN_LAYERS[name] is not factory:
-            raise ValueError(f"attention layer {name!r} is already registered")
-        _ATTN_LAYERS[name] = factory
-        return factory
-
-    return deco
+    return ATTN_LAYERS.register(name)
 
 
 def available_attn_layers() -> list[str]:
-    _load_optional_layers()
-    return sorted(_ATTN_LAYERS)
+    """Registered attention-layer names (``"none"`` is always accepted too)."""
+    return sorted(ATTN_LAYERS.names())
 
 
-def create_attn_layer(name: str | None, channels: int, **kwargs) -> nn.Module:
-    """Build the attention layer registered as ``name`` for a ``channels``-wide feature map."""
-    _load_optional_layers()
-    if name is None or name == "none":
-        return nn.Identity()
-    if name not in _ATTN_LAYERS:
-        raise ValueError(f"attn_layer={name!r} is not registered; choose one of {sorted(_ATTN_LAYERS) + ['none']}")
-    return _ATTN_LAYERS[name](channels, **kwargs)
+def create_attn_layer(layer: str | Callable[..., nn.Module] | None, channels: int, **kwargs) -> nn.Module:
+    """Build attention layer ``layer`` for a ``channels``-wide feature map.
 
-
-def _load_optional_layers() -> None:
-    # Layers defined in batchmates.nn register themselves on import; import lazily to avoid a cycle.
-    try:
-        import batchmates.nn  # noqa: F401
-    except ImportError:  # pragma: no cover - only while batchmates.nn is being written
-        pass
-
-
-@register_attn_layer("se")
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-Excitation (Hu et al., CVPR 2018): per-sample channel gates ``a ∈ (0,1)^C``.
-
-    In training mode the gates of the last forward are kept in ``self.last_attention`` ([N, C], with
-    gradient) so that CC-Loss (Song et al. 2020) can relate them across the batch. SE itself is per-sample.
+    ``layer`` is a registered name, ``"none"``/``None`` (identity), or a class / factory called as
+    ``layer(channels, **kwargs)``.
     """
-
-    def __init__(self, channels: int, reduction: int = 16, min_hidden: int = 4) -> None:
-        super().__init__()
-        hidden = max(min_hidden, channels // reduction)
-        self.fc1 = nn.Conv2d(channels, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, channels, 1)
-        self.last_attention: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean(dim=(2, 3), keepdim=True)
-        a = torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
-        self.last_attention = a.flatten(1) if self.training else None
-        return x * a
+    if layer is None or layer == "none":
+        return nn.Identity()
+    if isinstance(layer, str):
+        if layer not in ATTN_LAYERS:
+            raise UnknownNameError(
+                f"attn_layer={layer!r} is not registered; choose one of {available_attn_layers() + ['none']} "
+                "(or pass a layer class)"
+            )
+        return ATTN_LAYERS.get(layer)(channels, **kwargs)
+    if callable(layer):
+        return layer(channels, **kwargs)
+    raise TypeError(f"attn_layer must be a registered name, 'none' or a layer class; got {type(layer).__name__}")
 
 
 class Backbone(nn.Module):

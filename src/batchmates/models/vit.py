@@ -7,11 +7,13 @@ Library choices: ``"vit-tiny"`` has dim 128, depth 6, 4 heads, MLP ratio 4; patc
 -> 16 tokens), 4 up to 48 px (28 -> 49, 32 -> 64 tokens), 8 above; mean pooling over patch tokens by default
 (``pool="cls"`` adds a CLS token). The attention sub-layer of each block is a *token mixer* chosen by name
 from a registry, so intra-batch attention (IBAFormer, Sun et al. 2023, arXiv:2309.06282: ``"miba"`` /
-``"eiba"``, registered by :mod:`batchmates.nn`) can replace plain self-attention at chosen depths.
+``"eiba"``, imported from :mod:`batchmates.nn` and registered here, as timm's factories import their members)
+can replace plain self-attention at chosen depths.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,8 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchmates.models.layers import Backbone
+from batchmates.nn.intra_batch_attention import IntraBatchAttention
+from batchmates.registry import Registry, UnknownNameError
 
 __all__ = [
+    "TOKEN_MIXERS",
     "register_token_mixer",
     "create_token_mixer",
     "available_token_mixers",
@@ -32,41 +37,28 @@ __all__ = [
     "default_patch_size",
 ]
 
-_TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {}
+#: Token mixers by name: ``factory(dim, num_heads, **kw) -> nn.Module`` mapping ``[B, N, D]`` to ``[B, N, D]``.
+TOKEN_MIXERS: Registry[Callable[..., nn.Module]] = Registry("token mixer", flag="mixers")
+TOKEN_MIXERS.register("miba", functools.partial(IntraBatchAttention, mode="mean"))
+TOKEN_MIXERS.register("eiba", functools.partial(IntraBatchAttention, mode="element"))
 
 
 def register_token_mixer(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: make a token mixer ``factory(dim, num_heads, **kw) -> nn.Module`` ([B,N,D] -> [B,N,D])
     available to :class:`VisionTransformer` under ``name``."""
-
-    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _TOKEN_MIXERS and _TOKEN_MIXERS[name] is not factory:
-            raise ValueError(f"token mixer {name!r} is already registered")
-        _TOKEN_MIXERS[name] = factory
-        return factory
-
-    return deco
-
-
-def _load_optional_mixers() -> None:
-    # Mixers defined in batchmates.nn (e.g. "miba", "eiba") register themselves on import; import lazily.
-    try:
-        import batchmates.nn  # noqa: F401
-    except ImportError:  # pragma: no cover - only while batchmates.nn is being written
-        pass
+    return TOKEN_MIXERS.register(name)
 
 
 def available_token_mixers() -> list[str]:
-    _load_optional_mixers()
-    return sorted(_TOKEN_MIXERS)
+    """Registered token-mixer names."""
+    return sorted(TOKEN_MIXERS.names())
 
 
 def create_token_mixer(name: str, dim: int, num_heads: int, **kwargs: Any) -> nn.Module:
     """Build the token mixer registered as ``name`` for width ``dim`` with ``num_heads`` heads."""
-    _load_optional_mixers()
-    if name not in _TOKEN_MIXERS:
-        raise ValueError(f"token mixer {name!r} is not registered; choose one of {sorted(_TOKEN_MIXERS)}")
-    return _TOKEN_MIXERS[name](dim, num_heads, **kwargs)
+    if name not in TOKEN_MIXERS:
+        raise UnknownNameError(f"token mixer {name!r} is not registered; choose one of {available_token_mixers()}")
+    return TOKEN_MIXERS.get(name)(dim, num_heads, **kwargs)
 
 
 @register_token_mixer("self")

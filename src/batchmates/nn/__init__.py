@@ -11,8 +11,9 @@ IntraBatchAttention(192, 3, mode="element")  # [B, N, D] -> same, MIBA ("mean") 
 BatchFormer(512)(feats)                      # [B, D] -> same, transformer layer across the batch
 ```
 
-Importing this package registers ``"ba2m"`` as a backbone attention layer and ``"miba"`` / ``"eiba"`` as ViT
-token mixers.
+Also :class:`SqueezeExcite` (per-sample channel gates; CC-Loss relates them across the batch). This package
+imports nothing above it: the backbone factories of :mod:`batchmates.models` import these layers and register
+them (``"se"``, ``"ba2m"`` attention layers; ``"miba"`` / ``"eiba"`` token mixers), not the other way round.
 """
 
 from .ba2m import BA2M
@@ -22,6 +23,7 @@ from .class_batch_attention import ClassBatchAttention
 from .ibaformer_convert import to_ibaformer
 from .intra_batch_attention import IntraBatchAttention, intra_batch_attention
 from .multi_level_attention import MultiLevelAttention
+from .squeeze_excite import SqueezeExcite
 
 __all__ = [
     "BA2M",
@@ -30,6 +32,7 @@ __all__ = [
     "ClassBatchAttention",
     "IntraBatchAttention",
     "MultiLevelAttention",
+    "SqueezeExcite",
     "intra_batch_attention",
     "to_ibaformer",
 ]

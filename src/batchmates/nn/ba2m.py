@@ -64,7 +64,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchmates import distributed
-from batchmates.models.layers import register_attn_layer
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
 
 __all__ = ["BA2M", "WEIGHT_MODES", "SCORE_MODES", "batch_softmax_weights", "expected_training_factor"]
@@ -140,7 +139,6 @@ def expected_training_factor(weight_mode: str, n_train: int) -> float:
     return {"scaled": 1.0, "raw": inv_n, "residual": 1.0 + inv_n}[weight_mode]
 
 
-@register_attn_layer("ba2m")
 class BA2M(nn.Module):
     """Batch aware attention module (Cheng et al. 2021, arXiv:2103.15099): ``[N, C, H, W] -> [N, C, H, W]``.
 

@@ -46,7 +46,6 @@ Library choices (our reconstruction from those names; the paper's equations were
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -54,7 +53,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchmates import distributed
-from batchmates.models.vit import register_token_mixer
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
 from batchmates.nn._iba_ops import (
     IBA_MODES,
@@ -316,7 +314,3 @@ class IntraBatchAttention(nn.Module):
             out = torch.lerp(out, iba.to(out.dtype), 0.5)  # ½(SA + IBA) in one kernel; exactly SA when IBA == SA
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
 
-
-# Token mixers for batchmates' ViT: factory (dim, num_heads, **kw) -> [B, N, D] -> [B, N, D].
-register_token_mixer("miba")(functools.partial(IntraBatchAttention, mode="mean"))
-register_token_mixer("eiba")(functools.partial(IntraBatchAttention, mode="element"))
