@@ -5,6 +5,7 @@ gradient-exact collectives of :mod:`batchmates.distributed` and returns the same
 """
 
 from .barlow_twins import BarlowTwinsLoss, barlow_twins_loss
+from .cached import cached_backward
 from .cc_loss import CCLoss, cc_loss
 from .supcon import NTXentLoss, SupConLoss, supcon_loss
 from .swav import SwAVLoss, SwAVPrototypes, SwAVQueue, sinkhorn_knopp, swav_loss
@@ -22,4 +23,5 @@ __all__ = [
     "swav_loss",
     "CCLoss",
     "cc_loss",
+    "cached_backward",
 ]
