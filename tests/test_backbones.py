@@ -24,13 +24,13 @@ from batchmates.models.vit import SelfAttention
 
 torch.set_num_threads(1)
 
-NAMES = ["cnn", "resnet18", "resnet-small", "vit-tiny"]
+NAMES = ["cnn", "resnet18", "resnet-small", "vit-tiny", "vit-tiny-conv"]
 SIZES = [(8, 1), (28, 1), (32, 3)]
 SMALL_VIT = dict(dim=32, depth=2, num_heads=2)
 
 
 def _build(name: str, ch: int, size: int, **kw):
-    if name == "vit-tiny":
+    if name.startswith("vit"):
         kw = {**SMALL_VIT, **kw}
     return create_backbone(name, in_channels=ch, image_size=size, **kw)
 
@@ -134,7 +134,7 @@ def test_batch_of_one_trains(name, attn, size):
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_is_per_sample_and_permutation_equivariant(name):
     torch.manual_seed(0)
-    net = _build(name, 1, 28, attn_layer="se" if name != "vit-tiny" else "none").double().eval()
+    net = _build(name, 1, 28, attn_layer="none" if name.startswith("vit") else "se").double().eval()
     x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
     out = net(x)
     perm = torch.tensor([3, 0, 4, 1, 2])
@@ -200,6 +200,29 @@ def test_self_attention_matches_reference():
     w = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(4), dim=-1)
     ref = attn.proj((w @ heads(v)).transpose(1, 2).reshape(3, 5, 8))
     torch.testing.assert_close(attn(x), ref)
+
+
+def test_vit_conv_stem_feeds_the_patch_embedding():
+    conv = _build("vit-tiny-conv", 1, 8)
+    patch = _build("vit-tiny", 1, 8)
+    convs = [m for m in conv.stem if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))
+    ]  # fmt: skip
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in conv.stem) == 2 and patch.stem is None
+    assert conv.patch_embed.in_channels == 64 and conv.patch_embed.stride == (2, 2)
+    assert conv.num_patches == patch.num_patches == 16
+    x = torch.randn(4, 1, 8, 8)
+    stages = conv.train().forward_stages(x)  # per-block token maps, as btn reads them
+    assert [tuple(s.shape) for s in stages] == [(4, 16, 32)] * 2
+    conv(x).square().sum().backward()
+    assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
+    custom = create_backbone("vit-tiny", in_channels=3, image_size=32, stem="conv", stem_channels=(8,), **SMALL_VIT)
+    assert custom.patch_embed.in_channels == 8 and custom(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    with pytest.raises(ValueError, match="stem must be"):
+        create_backbone("vit-tiny", in_channels=1, image_size=8, stem="convolutional")
+    with pytest.raises(ValueError, match="stem_channels"):
+        create_backbone("vit-tiny", in_channels=1, image_size=8, stem="conv", stem_channels=())
 
 
 def test_cls_pooling_adds_a_token():

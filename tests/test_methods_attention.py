@@ -108,7 +108,7 @@ def test_registered_with_options_and_defaults() -> None:
             RunConfig(method=m, data="digits", options={"nope": 1}).resolve(cls)
     # ba2m keeps ce's budget so that `compare --methods ce,ba2m` isolates the attention module
     assert get_method("ba2m").default_settings("digits") == get_method("ce").default_settings("digits")
-    assert get_method("ibaformer").default_settings("cifar10")["backbone"] == "vit-tiny"
+    assert get_method("ibaformer").default_settings("cifar10")["backbone"] == "vit-tiny-conv"
 
 
 # ---------------------------------------------------------------------------------------------- ba2m
@@ -248,9 +248,9 @@ def test_ibaformer_option_errors() -> None:
         get_method("ibaformer")(_model("ibaformer").cfg.replace(backbone="cnn"), DIGITS)
 
 
-def test_ibaformer_independent_eval_is_plain_self_attention(runs) -> None:
+def test_ibaformer_independent_eval_is_batch_independent(runs) -> None:
     model, cfg, splits = load_run(str(runs["ibaformer"]))
-    assert cfg.backbone == "vit-tiny" and cfg.options["mode"] == "mean"
+    assert cfg.backbone == "vit-tiny-conv" and cfg.options["mode"] == "mean"
     iba = [i for i, b in enumerate(model.backbone.blocks) if isinstance(b.mixer, IntraBatchAttention)]
     assert iba == [4, 5]
     _assert_batch_independent(model, splits)

@@ -31,6 +31,7 @@ from batchmates.models.vit import (
     create_token_mixer,
     register_token_mixer,
     vit_tiny,
+    vit_tiny_conv,
 )
 
 __all__ = [
@@ -58,6 +59,7 @@ _BACKBONES: dict[str, Callable[..., Backbone]] = {
     "resnet18": resnet18,
     "resnet-small": resnet_small,
     "vit-tiny": vit_tiny,
+    "vit-tiny-conv": vit_tiny_conv,
 }
 
 

@@ -33,7 +33,8 @@ Library choices (our reconstruction from those names; the paper's equations were
 
   ``eval_form=None`` (default) picks the form measured best on the domain-shift protocol (see the docs):
   ``"running"`` for MIBA and ``"bank"`` for EIBA. A layer without statistics (never trained, or loaded from
-  a checkpoint written before they existed, which warns) evaluates as self-attention alone.
+  a checkpoint written before they existed, or from a self-attention layer's weights) evaluates as
+  self-attention alone, which is how such checkpoints were evaluated; ``has_statistics`` tells which.
 * Global batch under ``torch.distributed``: MIBA's means are all-reduced sums over the global count; EIBA
   gathers K and V with a gradient-carrying all-gather, so every query attends to every sample of the global
   batch. The running means are of those global means and the bank holds gathered samples, so every rank's
@@ -45,8 +46,6 @@ Library choices (our reconstruction from those names; the paper's equations were
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -229,16 +228,11 @@ class IntraBatchAttention(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        absent = [n for n in (*_STAT_TENSORS, *_STAT_COUNTS) if prefix + n not in state_dict]
-        if absent:
-            if prefix + "running_k" in absent:
-                warnings.warn(
-                    f"IntraBatchAttention {prefix.rstrip('.') or '(root)'}: the checkpoint has no running statistics "
-                    "(written before they existed, or by a self-attention layer); independent eval uses "
-                    "self-attention alone until the layer is trained again",
-                    stacklevel=2,
-                )
-            for n in absent:  # a checkpoint without statistics loads as "no statistics"
+        # A checkpoint without statistics (written before they existed, or a self-attention layer's weights)
+        # loads as "no statistics": independent eval is then self-attention alone, which is what such a
+        # checkpoint was evaluated with when it was written.
+        for n in (*_STAT_TENSORS, *_STAT_COUNTS):
+            if prefix + n not in state_dict:
                 state_dict[prefix + n] = torch.zeros(0) if n in _STAT_TENSORS else torch.zeros((), dtype=torch.long)
         for n in _STAT_TENSORS:  # statistics are sized by the data: take the checkpoint's shape
             own, saved = getattr(self, n), state_dict[prefix + n]
