@@ -117,6 +117,11 @@ def test_compare_cli_checks_all_configs_before_the_first_run(tmp_path: Path, cap
     err = capsys.readouterr().err
     assert code == 2 and "label_smoothing=2.0: must be <=" in err
     assert not out.exists()  # nothing trained
+    # checks a method makes only when it is built (7 heads cannot split the CNN's 128 features) also come first
+    code = main(["compare", "--variants", "ce", "batchformer+num_heads=7", *FAST, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "variant 'batchformer+num_heads=7': option num_heads=7 must divide" in err
+    assert not out.exists()
 
 
 def test_compare_runs_variants_resumably(tmp_path: Path, capsys) -> None:

@@ -101,7 +101,8 @@ class Method(L.LightningModule):
         """Checks of a resolved ``cfg`` that need this method or the registries, before anything runs.
 
         The base checks the batch size of batch-relational methods and that ``data``, ``backbone`` and
-        ``attn_layer`` name registered datasets, backbones and attention layers (nothing is loaded or built).
+        ``attn_layer`` name registered datasets, backbones and attention layers (nothing is loaded or built;
+        a foreign backbone ``SOURCE:NAME`` is checked when it is built).
         """
         if cls.batch_relational and cfg.batch_size < 2:
             raise ConfigError(
@@ -117,6 +118,8 @@ class Method(L.LightningModule):
         attn_layers = ["none", *(n for n in available_attn_layers() if n != "none")]
         for name, value, known in (("backbone", cfg.backbone, available_backbones()),
                                    ("attn_layer", cfg.attn_layer, attn_layers)):
+            if name == "backbone" and ":" in value:
+                continue  # a foreign backbone (timm:NAME, torchvision:NAME): checked when it is built
             if value not in known:
                 raise ConfigError(f"{name}={value!r} is not registered; choose one of {known} "
                                   f"(--{name.replace('_', '-')})")

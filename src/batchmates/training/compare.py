@@ -29,7 +29,7 @@ from batchmates.io import atomic_write_json, atomic_write_text
 from batchmates.training.rundir import CONFIG_FILE, has_checkpoint, read_metrics
 from batchmates.training.variants import Variant, parse_variant, variant_dir
 
-__all__ = ["compare", "resolve_methods", "resolve_variants", "summarise", "plan_runs", "RunPlan"]
+__all__ = ["compare", "resolve_methods", "resolve_variants", "summarise", "plan_runs", "check_builds", "RunPlan"]
 
 
 def _last_curve(m: dict[str, Any], key: str) -> Any:
@@ -179,6 +179,29 @@ def plan_runs(variants: Sequence[Variant], common: RunConfig, seeds: Sequence[in
     return plans
 
 
+def check_builds(plans: Sequence[RunPlan]) -> None:
+    """Build every variant's method once on its dataset (nothing is trained), so that the checks a method makes
+    when it is built (an option that must divide the feature width, a batch larger than the training set, a
+    missing dataset) fail before the first run rather than after the others have trained."""
+    from batchmates.data import load_dataset
+    from batchmates.methods import get_method
+    from batchmates.training.data import RunDataModule
+
+    loaded: dict[tuple[str, str | None], Any] = {}
+    built: set[str] = set()
+    for p in plans:
+        if p.variant.name in built:
+            continue
+        built.add(p.variant.name)
+        key = (p.cfg.data, p.cfg.data_dir)
+        if key not in loaded:
+            loaded[key] = load_dataset(p.cfg.data, data_dir=p.cfg.data_dir, download=p.cfg.download)
+        try:
+            get_method(p.cfg.method)(p.cfg, RunDataModule(p.cfg, loaded[key]).info)
+        except ConfigError as e:
+            raise ConfigError(f"variant {p.variant.name!r}: {e}") from None
+
+
 def _check_existing(cfg: RunConfig, variant: Variant) -> None:
     """A directory that already holds a run must hold this configuration (its generic settings and the options
     the variant sets), so that a rerun resumes the same experiment."""
@@ -251,6 +274,7 @@ def compare(
         raise ConfigError(f"seeds must be a count >= 1 or a list of integers >= 0, got {seeds!r}")
     common = (common_cfg or RunConfig()).replace(data=data, label_noise=label_noise, eval_protocols=list(protocols))
     plans = plan_runs(variants, common, seed_list, out, corruptions=corruptions, method_options=method_options)
+    check_builds(plans)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []

@@ -59,15 +59,16 @@ class _PlainIterable:
 
 
 class RunDataModule(L.LightningDataModule):
-    """Loads ``cfg.data`` once (on first use) and serves the run's loaders.
+    """Loads ``cfg.data`` once (on first use; or takes it loaded, ``splits``) and serves the run's loaders.
 
     ``splits`` is the clean dataset (evaluation uses it), ``train_split`` the training split with the run's
     label noise, ``info`` the :class:`DataInfo` a method is built with.
     """
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, splits: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self._given = splits  # an already loaded ``cfg.data`` (compare's checks reuse one per dataset)
         self._splits: Any = None
         self._train: Any = None
 
@@ -77,7 +78,9 @@ class RunDataModule(L.LightningDataModule):
         from batchmates.data import load_dataset
 
         cfg = self.cfg
-        splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
+        splits = self._given
+        if splits is None:
+            splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
         train = splits.train
         if cfg.label_noise > 0:
             if not (hasattr(train, "images") and hasattr(train, "labels")):
