@@ -166,7 +166,7 @@ FLOORS: dict[str, int] = {
     # 0: vocabulary and plumbing
     "registry": 0, "distributed": 0, "_checks": 0, "io": 0, "options": 0, "config": 0, "seeding": 0,
     # 1: the building blocks
-    "losses": 1, "nn": 1, "curation": 1, "data": 1,
+    "losses": 1, "nn": 1, "curation": 1, "data": 1, "optim": 1,
     # 2: backbones (they import the layers they register)
     "models": 2,
     # 3: trainable methods
