@@ -170,3 +170,12 @@ def test_methods_never_import_the_trainer_and_nothing_borrows_from_run() -> None
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "batchmates.training.run"
              for a in n.names}
     assert names <= {"train", "resume", "hardware_string"}
+
+
+def test_train_rejects_a_bad_method_option_before_writing_anything(capsys, tmp_path) -> None:
+    # 7 heads cannot split the CNN's 128 features: found when the method is built, before any file is written
+    code = cli.main(["train", "--method", "batchformer", "--opt", "num_heads=7", "--epochs", "1", "--threads", "1",
+                     "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_heads=7 must divide" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

@@ -124,7 +124,6 @@ def train(cfg: RunConfig, *, resume_from: str | None = None, overwrite: bool = F
             f"{out!r} already holds a run ({CKPT_FILE}); continue it with `batchmates train --resume {out}`, "
             "choose another --out, or pass --overwrite"
         )
-    os.makedirs(out, exist_ok=True)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     data = RunDataModule(cfg)
@@ -135,6 +134,7 @@ def train(cfg: RunConfig, *, resume_from: str | None = None, overwrite: bool = F
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         model = method_cls(cfg, data.info)
         model.steps_per_epoch = max(1, len(data.train_dataloader()))
+        os.makedirs(out, exist_ok=True)  # only now: a setting the method rejects leaves no directory behind
         trainer, history = _trainer(cfg, model, verbose)
         if trainer.is_global_zero:
             model.resolved_config.to_yaml(os.path.join(out, CONFIG_FILE))
