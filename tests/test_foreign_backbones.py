@@ -185,3 +185,17 @@ def test_from_module_takes_over_a_users_model() -> None:
     net = from_module(custom, image_size=16, stage_modules=["1", "2"])
     assert net.stage_dims == [8, 16] and net.feature_dim == 16
     assert [m.shape[-1] for m in net.forward_stages(torch.randn(2, 3, 16, 16))] == [14, 6]
+
+
+def test_timm_vit_checkpoint_at_another_size_and_channel_count(tmp_path) -> None:
+    """A 224 px RGB ViT checkpoint in a 32 px grey ViT: timm's own filter resamples the position embedding, and the
+    patch-embedding filters are summed over RGB."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    net = create_foreign_backbone("timm:vit_tiny_patch16_224", in_channels=1, image_size=32,
+                                  pretrained_path=str(tmp_path / "vit.pth"), model_kwargs={"depth": 1})
+    assert net.model.pos_embed.shape == (1, 1 + 2 * 2, 192) and net.stage_dims == [192]
+    torch.testing.assert_close(net.model.patch_embed.proj.weight, ref.patch_embed.proj.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(net.model.pos_embed[:, 0], ref.pos_embed[:, 0])  # the class token's is kept as is
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 192)
