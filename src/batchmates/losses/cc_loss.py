@@ -182,8 +182,9 @@ class CCLoss(nn.Module):
     """CC-Loss term ``L_cc`` (Song et al. 2020, arXiv:2010.05469); module form of :func:`cc_loss`.
 
     ``CCLoss(form="difference", *, margin=0.1, eps=1e-6, num_classes=None, gather=True, check_finite=None)``
-    called on ``(attention, labels)`` with ``attention [N, C]`` in ``(0, 1)`` and ``labels [N]``; returns the scalar ``L_cc`` to be added to the
-    cross-entropy with a weight ``lambda`` (library form; see the module docstring).
+    called on ``(attention, labels)`` with ``attention [N, C]`` in ``(0, 1)`` and ``labels [N]``; returns the
+    scalar ``L_cc`` to be added to the cross-entropy with a weight ``lambda`` (library form; see the module
+    docstring).
     """
 
     def __init__(

@@ -42,7 +42,7 @@ Library choices:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -306,12 +306,12 @@ class _SupConModule(nn.Module):
     def __init__(
         self,
         *,
-        normalize: bool,
-        reduction: Reduction,
-        chunk_size: int | None,
-        chunk_threshold: int | None,
-        gather: bool,
-        check_finite: bool | None,
+        normalize: bool = True,
+        reduction: Reduction = "mean",
+        chunk_size: int | None = None,
+        chunk_threshold: int | None = 16384,
+        gather: bool = True,
+        check_finite: bool | None = None,
     ) -> None:
         super().__init__()
         self.normalize = normalize
@@ -392,25 +392,14 @@ class NTXentLoss(_SupConModule):
     :func:`supcon_loss` on ``stack([z0, z1], 1)`` with ``base_temperature=temperature``: the mean over the ``2N``
     anchors of the cross-entropy of finding the other view among the ``2N - 1`` others. Features are
     L2-normalised inside by default. ``reduction="none"`` returns ``[2, N]`` (row 0: anchors from ``z0``).
+    Keyword-only options as :class:`SupConLoss` (``normalize``, ``reduction``, ``chunk_size``, ``chunk_threshold``,
+    ``gather``, ``check_finite``), documented on :func:`supcon_loss`.
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.5,
-        *,
-        normalize: bool = True,
-        reduction: Reduction = "mean",
-        chunk_size: int | None = None,
-        chunk_threshold: int | None = 16384,
-        gather: bool = True,
-        check_finite: bool | None = None,
-    ) -> None:
-        super().__init__(
-            normalize=normalize, reduction=reduction, chunk_size=chunk_size, chunk_threshold=chunk_threshold,
-            gather=gather, check_finite=check_finite,
-        )  # fmt: skip
+    def __init__(self, temperature: float = 0.5, **options: Any) -> None:
+        super().__init__(**options)
         self.temperature = _check_positive_float("temperature", temperature)
-        _check_modes("all", reduction)
+        _check_modes("all", self.reduction)
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
         for name, z in (("z0", z0), ("z1", z1)):
