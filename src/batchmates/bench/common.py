@@ -1,4 +1,8 @@
-"""Shared timing and memory measurement for the benchmarks, and the row format they all emit."""
+"""Shared timing and memory measurement for the benchmarks, and the row format they all emit.
+
+Paper: none. Library choices: the median of several timed calls after warm-up, with device synchronisation;
+peak memory from the CUDA allocator only (None on the CPU, where torch exposes no allocator statistics).
+"""
 
 from __future__ import annotations
 

@@ -3,9 +3,12 @@
 Peers, measured side by side in one run:
 * ``pml``: ``pytorch_metric_learning.losses.SupConLoss`` (scaled by τ/τ_base), which builds several ``[VN, VN]``
   float matrices;
-* ``official``: :func:`official_supcon`, a faithful transcription of the official SupContrast formula
-  (HobbitLong/SupContrast ``losses.py``, post PR #142), written here for reference only.
+* ``official``: :func:`~batchmates.testing.oracles.official_supcon`, a faithful transcription of the official
+  SupContrast formula (HobbitLong/SupContrast ``losses.py``, post PR #142), for reference only.
 Ours: ``supcon_loss`` dense (one ``[VN, VN]`` buffer) and chunked (blocks recomputed in backward).
+
+Paper: Khosla et al. 2020 (arXiv:2004.11362) give the loss, not its cost. Library choices: the peers, the
+sizes (N 1024/4096 x 2 views, D 128; 16384 for memory) and the chunk size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 from batchmates.bench.common import BenchRow, try_measure
 from batchmates.losses.supcon import supcon_loss
 from batchmates.testing.oracles import official_supcon
+
+__all__ = ["run", "official_supcon"]  # official_supcon: re-exported from its old place
 
 TEMPERATURE = 0.1
 BASE_TEMPERATURE = 0.07

@@ -1,5 +1,7 @@
 """Benchmark: SwAV loss with Sinkhorn (forward + backward), ours vs ``lightly.loss.SwaVLoss``.
 
+Paper: Caron et al. 2020 (arXiv:2006.09882) give K=3000, 2 high + 6 low resolution crops and 3 Sinkhorn
+iterations at epsilon 0.05, but no loss timing. Library choices: the peer, the batch sizes and the target.
 Issue 3 target: >= 1.0x lightly at B=256/1024, K=3000, 2 high + 6 low crops. Scores are those of L2-normalised
 features against unit prototypes (the realistic range), float32; both implementations get identical inputs.
 """
