@@ -7,7 +7,9 @@ export_onnx(backbone, "out/backbone.onnx", image_size=28, in_channels=1)       #
 write_embeddings(features, labels, "out/test.npz")                              # or .npy / .parquet
 ```
 
-No paper involved; everything here is a library choice:
+Paper: none (library infrastructure).
+
+Library choices:
 
 * **Weights** (:func:`export_backbone`): only the backbone's tensors, no classifier, projector or optimizer
   state. A foreign backbone (``timm:NAME`` / ``torchvision:NAME`` / ``from_module``) is written with the key

@@ -21,7 +21,7 @@ Library choices:
 * **Randomness.** The re-forward of a micro-batch replays the random state (CPU and the input's accelerator) its
   first forward started from, so dropout, drop-path and augmentations done inside ``encoder`` draw the same numbers
   twice (``preserve_rng=True``). The result then equals running the micro-batches one after another in a single
-  graph; it equals one large forward when ``encoder`` has no randomness across samples (no dropout, or ``eval``).
+  graph; it equals one large forward when ``encoder`` draws no random numbers (no dropout, or ``eval``).
 * **BatchNorm** in training mode normalises each micro-batch with its own statistics (as "ghost" BatchNorm), so the
   result equals the large batch only without BatchNorm or with it in eval; running statistics are updated once per
   micro-batch (the no-grad pass restores those of ``norm_modules``; ``freeze_norm_stats=True``).

@@ -11,7 +11,9 @@ feats, maps = net(x), net.forward_stages(x)     # [N, D]; one [N, C_s, H_s, W_s]
 net.spec                                        # how to rebuild it: {"source", "name", "in_channels", ...}
 ```
 
-No paper involved: this is an adapter, so everything below is a library choice.
+Paper: none (an adapter; no method paper is involved).
+
+Library choices:
 
 * **Features** (``forward``): the model's own pooled, pre-classifier output, exactly what the original model
   computes without its classifier (timm ``num_classes=0`` / ``reset_classifier(0)``; torchvision: the final

@@ -1,6 +1,8 @@
 """Offline weight files for foreign backbones: read a safetensors file or a torch state dict, load it strictly.
 
-No paper involved; everything here is a library choice:
+Paper: none (library infrastructure).
+
+Library choices:
 
 * A weight file is read from disk only: ``*.safetensors`` with :func:`safetensors.torch.load_file`, anything else
   with ``torch.load(weights_only=True)`` (no pickled code runs). A checkpoint dict that wraps the weights under
