@@ -199,3 +199,13 @@ def test_floors_import_only_downwards(floor):
 def test_every_top_level_module_has_a_floor():
     tops = {m.split(".")[1] for m in _modules() if m.count(".") >= 1}
     assert tops <= set(FLOORS), f"add {sorted(tops - set(FLOORS))} to FLOORS and to docs/ARCHITECTURE.md"
+
+
+def test_importing_nn_builds_no_backbone():
+    """Registries point down: ``batchmates.nn`` imports nothing of ``batchmates.models`` (in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = "import sys, batchmates.nn; print(sorted(m for m in sys.modules if m.startswith('batchmates.models')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"importing batchmates.nn imported {out}"
