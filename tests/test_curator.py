@@ -416,8 +416,11 @@ def test_bench_step_share_quick_runs(capsys):
     from batchmates.bench.curation import STEP_CASES, simclr_step_share
 
     rows = simclr_step_share("cpu", quick=True)
-    assert [r.impl for r in rows] == [impl for impl, _ in STEP_CASES]
+    assert [r.impl for r in rows][:4] == [impl for impl, _ in STEP_CASES] and len(rows) == 6
     assert all(math.isfinite(r.time_ms) and r.time_ms > 0 for r in rows)
-    for r in rows[1:]:
-        assert r.extra["added_share"] == pytest.approx((r.time_ms - rows[0].time_ms) / rows[0].time_ms)
+    for r in rows[1:4]:
+        assert r.extra["added_share"] == pytest.approx(r.extra["added_ms"] / rows[0].time_ms)
+        assert math.isfinite(r.extra["added_ms"]) and r.extra["target_max_share"] == 0.10
+    for r in rows[4:]:
+        assert r.extra["share_of_plain_step"] == pytest.approx(r.time_ms / rows[0].time_ms)
     assert "curation step share" in capsys.readouterr().out

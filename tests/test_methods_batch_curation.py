@@ -236,3 +236,34 @@ def test_retired_frd_gaussian_and_mismatched_policies_are_clear_errors(capsys) -
     out = capsys.readouterr().out
     assert "'frd-batch', 'frd-pairwise', 'pair-sq-l2'" in out and "'frd-gaussian'" not in out
     assert "'skip', 'reaugment'" in out
+
+
+def test_lightning_ddp_two_ranks_every_batch_skipped_leaves_the_initial_weights(tmp_path: Path) -> None:
+    """Lightning DDP (gloo, 2 CPU processes): skipping by a zero loss + dropped gradients neither hangs nor errors
+    (Lightning forbids returning None under DDP), and a run whose every batch is skipped ends with the initial
+    weights and BatchNorm statistics while its schedule ran all its steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import lightning as L
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "batchmates", "train", "--method", "simclr", "--data", "digits",
+                        "--threads", "1", "--no-progress", "--batch-size", "64", "--epochs", "1", "--max-steps", "4",
+                        "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--protocol", "knn",
+                        "--curate", "frd-batch", "--opt", "curate_threshold=1e-12", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["curve"][-1]["frac_dropped"] == 1.0
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["batchmates_curation"]["batches"] == 4 and ckpt["batchmates_curation"]["skipped"] == 4
+    cfg = RunConfig.from_yaml(str(out / "config.yaml"))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the trainer's initialisation of the model
+    init = get_method("simclr")(cfg, DIGITS)
+    for k, v in init.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k

@@ -125,7 +125,23 @@ def _simclr_step_fn(opts: dict | None, frozen: bool, batch: int, device: torch.d
             opt.zero_grad(set_to_none=True)
         opt.step()
 
+    step.model = model  # type: ignore[attr-defined]
+    step.batch = (x, y)  # type: ignore[attr-defined]
     return step
+
+
+def _scoring_alone(step, dev: torch.device) -> tuple[float, float]:
+    """Time of the online scoring work alone on one step's features: (frd-batch score, frd-pairwise scores)."""
+    from batchmates.curation import global_batch_frd, pair_distance
+
+    model = step.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        h1, h2, z1, z2 = model.encode_views(*model.train_views(step.batch[0]))
+    spaces = [(h1, h2), (z1, z2)]
+    t_batch, _ = measure(lambda: global_batch_frd(spaces), dev, warmup=1, iters=5)
+    t_pairs, _ = measure(lambda: sum(pair_distance("pairwise", a, b) for a, b in spaces), dev, warmup=1, iters=5)
+    return t_batch, t_pairs
 
 
 def simclr_step_share(device: str, quick: bool) -> list[BenchRow]:
@@ -135,35 +151,45 @@ def simclr_step_share(device: str, quick: bool) -> list[BenchRow]:
     projector features (no extra forward; the frd-batch threshold is set so that no batch is skipped, so the row
     is the scoring cost alone); ``frd-batch`` with a frozen extractor (a frozen copy of the backbone), which needs
     its own forward of both views. The steps are timed interleaved (one of each per round, median over rounds)
-    so that load from other processes hits every row alike. ``extra["added_share"]`` is
-    ``(curated − plain) / plain``; the line printed names the online frd-batch share against the 10% target.
+    so that load from other processes hits every row alike (the order alternates between rounds).
+    ``extra["added_share"]`` is the median over rounds of the paired difference ``curated − plain`` divided by
+    the plain step's median; the line printed names the online frd-batch share against the 10% target.
+    Two more rows time the scoring work alone on one step's features (less noisy than a difference of two
+    step times; ``extra["share_of_plain_step"]``).
     """
     dev = torch.device(device)
     b = 16 if quick else 256
-    rounds = 3 if quick else 9
+    rounds = 3 if quick else 15
     steps = [_simclr_step_fn(opts, "frozen" in impl, b, dev) for impl, opts in STEP_CASES]
     for fn in steps:  # warm-up
         fn()
     times: list[list[float]] = [[] for _ in steps]
-    for _ in range(rounds):
-        for i, fn in enumerate(steps):
+    for r in range(rounds):
+        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))  # ABBA: cancels drifts
+        for i in order:
             _sync(dev)
             t0 = time.perf_counter()
-            fn()
+            steps[i]()
             _sync(dev)
             times[i].append((time.perf_counter() - t0) * 1e3)
     med = [statistics.median(t) for t in times]
     case = f"SimCLR step B={b} resnet-small 28px"
     rows = [BenchRow("curation-step", case, STEP_CASES[0][0], med[0], None, str(dev))]
-    for (impl, _), t in zip(STEP_CASES[1:], med[1:]):
+    for (impl, _), t, ts in zip(STEP_CASES[1:], med[1:], times[1:]):
+        added = statistics.median([a - p for a, p in zip(ts, times[0])])  # paired: same round, same load
         rows.append(BenchRow("curation-step", case, impl, t, None, str(dev),
-                             {"added_share": (t - med[0]) / med[0], "target_max_share": TARGET_MAX_SHARE,
+                             {"added_ms": added, "added_share": added / med[0], "target_max_share": TARGET_MAX_SHARE,
                               "rounds": rounds}))
+    t_batch, t_pairs = _scoring_alone(steps[1], dev)
+    for impl, t in (("frd-batch score alone (global_batch_frd, backbone + projector)", t_batch),
+                    ("frd-pairwise scores alone (discrete Fréchet, backbone + projector)", t_pairs)):
+        rows.append(BenchRow("curation-step", case, impl, t, None, str(dev), {"share_of_plain_step": t / med[0]}))
     share = rows[1].extra["added_share"]
     verdict = "within" if share <= TARGET_MAX_SHARE else "OVER"
     print(f"[bench] curation step share ({case}, {dev}): frd-batch online {share:+.1%} ({verdict} the "
           f"{TARGET_MAX_SHARE:.0%} target), frd-pairwise online {rows[2].extra['added_share']:+.1%}, "
-          f"frd-batch frozen extractor {rows[3].extra['added_share']:+.1%}", flush=True)
+          f"frd-batch frozen extractor {rows[3].extra['added_share']:+.1%}; scoring alone: frd-batch "
+          f"{t_batch / med[0]:.1%}, frd-pairwise {t_pairs / med[0]:.1%} of the plain step", flush=True)
     return rows
 
 
