@@ -104,7 +104,9 @@ class BatchCurator:
         threshold: absolute τ: a batch scoring above it is bad.
         quantile: ``q`` in (0, 1]: a batch is bad when it scores above the ``ceil(q * n)``-th smallest of the last
             ``n <= window`` recorded batch scores. Exactly one of ``threshold`` / ``quantile``.
-        window: how many past first-draw scores the running quantile uses (>= 1).
+        window: how many past first-draw scores the running quantile uses (>= 1). Short by default: scores of an
+            encoder that is being trained drift (the online SimCLR batch FRD fell about 10x over 4 digits epochs),
+            and a long window would then compare new batches with stale scores and skip almost none.
         warmup: with ``quantile``, batches kept unconditionally (their scores recorded) before the rule applies
             (>= 1, at most ``window``).
         max_resample: ``"reaugment"``: new draws of a bad batch's views before it is skipped (>= 1).
@@ -119,9 +121,9 @@ class BatchCurator:
         *,
         threshold: float | None = None,
         quantile: float | None = None,
-        window: int = 200,
-        warmup: int = 20,
-        max_resample: int = 2,
+        window: int = 32,
+        warmup: int = 8,
+        max_resample: int = 1,
     ) -> None:
         if policy not in ("skip", "reaugment"):
             raise ValueError(f"policy must be 'skip' or 'reaugment' (what to do with a bad batch), got {policy!r}")

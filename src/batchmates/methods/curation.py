@@ -98,9 +98,10 @@ CURATION_OPTIONS: dict[str, Option] = {
                                            "curate_threshold > 0", minimum=1e-6, maximum=1.0),
     "curate_threshold": Option(float, 0.0, "absolute score threshold (pairs or batches above it are bad); 0 = use "
                                            "curate_quantile", minimum=0.0),
-    "curate_window": Option(int, 200, "frd-batch: past batch scores in the running quantile", minimum=1),
-    "curate_warmup": Option(int, 20, "frd-batch with curate_quantile: first batches kept unconditionally (scores "
-                                     "recorded) before the quantile rule applies", minimum=1),
+    "curate_window": Option(int, 32, "frd-batch: past batch scores in the running quantile (short: the online "
+                                     "encoder's scores drift down as it trains)", minimum=1),
+    "curate_warmup": Option(int, 8, "frd-batch with curate_quantile: first batches kept unconditionally (scores "
+                                    "recorded) before the quantile rule applies", minimum=1),
     "curate_features": Option(str, "both", "online extractor: features of the training forward that are scored "
                                            "(both = sum of the backbone and projector scores)",
                               choices=FEATURE_CHOICES),
