@@ -1,14 +1,17 @@
 """Fréchet distances used to score positive pairs (The Bad Batches, Göksu & Pugeault 2024, arXiv:2403.19579).
 
-Two readings of the paper's Fréchet ResNet Distance (FRD) are served by this file:
+Paper: the Fréchet ResNet Distance (FRD). Two readings of it are served by this file:
 
 * :func:`discrete_frechet_distance`: the *pairwise* FRD of GestureGAN (Tang et al. 2018, arXiv:1808.04859),
   which treats a feature vector as a 1-D curve (point ``i`` is the scalar ``v[i]``) and takes the discrete
-  Fréchet distance (Eiter & Mannila 1994) between the two curves. The recurrence is the paper's; evaluating it
-  along anti-diagonals, vectorised over pairs and cells, is the library's.
+  Fréchet distance (Eiter & Mannila 1994) between the two curves. The recurrence is GestureGAN's.
 * :func:`gaussian_frechet_distance`: the Fréchet distance between Gaussians fitted to two feature sets (the
-  FID formula, Heusel et al. 2017, arXiv:1706.08500), applied to the two augmented views of a batch. The
-  eigen-decomposition route and the regularisation rule are library choices, documented on the function.
+  FID formula, Heusel et al. 2017, arXiv:1706.08500), which the reviews of The Bad Batches apply to the two
+  augmented views of a batch.
+
+Library choices: evaluating the recurrence along anti-diagonals, vectorised over pairs and cells; the
+eigen-decomposition route, the regularisation rule and the exact low-rank route of the Gaussian distance
+(documented on the function).
 
 Everything here is plain maths on local tensors: no ``torch.distributed`` and no autograd (these are scoring
 functions; their outputs carry no gradient).

@@ -1,23 +1,29 @@
 """Scoring two-view batches with a feature extractor (The Bad Batches, Göksu & Pugeault 2024, arXiv:2403.19579).
 
-Paper (as far as it could be recovered, see ``docs/curation.md``): views are scored with the Fréchet ResNet
-Distance (FRD) of a frozen ResNet's features and only representative data is trained on. The readings offered
-behind one interface (``mode``):
+Paper (as far as it could be recovered, see ``docs/curation.md``): data is scored with the Fréchet ResNet
+Distance (FRD) and only representative data is trained on; the reviews describe one Gaussian FRD between the two
+augmented batches' features (backbone and projection head). FRD's original definition (GestureGAN,
+arXiv:1808.04859) is a discrete Fréchet distance between two images' frozen-ResNet outputs (1000-d) read as
+curves.
 
-* ``"pairwise"``: FRD's original definition (GestureGAN, arXiv:1808.04859): each view's feature vector (the
-  ResNet's 1000-d output in the original) is a 1-D curve and a pair's score is the discrete Fréchet distance
-  between its two curves (:func:`~batchmates.curation.discrete_frechet_distance`).
-* ``"sq-l2"``: a per-pair squared L2 distance ``‖f1 − f2‖²`` (library choice, not FRD; cheaper than the
-  discrete Fréchet DP). Before it had this name it was served as ``"gaussian"`` per-pair scores.
+Library choices: the readings offered behind one interface (``mode``):
+
+* ``"pairwise"``: FRD's original definition per pair of views: each view's feature vector is a 1-D curve and a
+  pair's score is the discrete Fréchet distance between its two curves
+  (:func:`~batchmates.curation.discrete_frechet_distance`).
+* ``"sq-l2"``: a per-pair squared L2 distance ``‖f1 − f2‖²`` (not FRD; cheaper than the discrete Fréchet DP).
+  Before it had this name it was served as ``"gaussian"`` per-pair scores.
 * ``"gaussian"``: the reviews' reading: *one score per batch*, the Gaussian Fréchet distance between the two
   views' feature sets (:func:`~batchmates.curation.gaussian_frechet_distance`). It has no per-pair score:
   :meth:`FRDScorer.score_pairs` refuses it.
 
 The extractor is any ``nn.Module`` mapping a batch of images to features (flattened to ``[B, F]``): a frozen
 model (``FRDScorer(module)``), torchvision's ResNet with weights from a local file
-(:meth:`FRDScorer.from_torchvision_resnet`), or the online training encoder (:meth:`FRDScorer.from_online_encoder`).
-Scoring never builds a graph (``torch.no_grad``) and always runs the extractor in eval mode, so scores of a pair do
-not depend on its batch mates (no BatchNorm batch statistics) and no running statistics are updated.
+(:meth:`FRDScorer.from_torchvision_resnet`, FRD's original extractor), or the online training encoder in a
+separate forward (:meth:`FRDScorer.from_online_encoder`). Scoring never builds a graph (``torch.no_grad``) and
+always runs the extractor in eval mode, so scores of a pair do not depend on its batch mates (no BatchNorm batch
+statistics) and no running statistics are updated. The methods avoid the separate forward altogether by scoring
+their training forward's features (:mod:`batchmates.methods.curation`).
 """
 
 from __future__ import annotations
@@ -170,9 +176,9 @@ class FRDScorer:
         mode: Mode = "pairwise",
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> FRDScorer:
-        """Score with the current training encoder in a *separate* no-grad forward (library option; the paper
-        uses a frozen ResNet). Costs one extra forward of both views; the methods avoid it by scoring the
-        features of their own training forward (see :mod:`batchmates.methods.curation`).
+        """Score with the current training encoder in a *separate* no-grad forward (library option). Costs one
+        extra forward of both views; the methods avoid it by scoring the features of their own training forward
+        (see :mod:`batchmates.methods.curation`), except for the ``resample`` policy.
 
         The module is not frozen or moved: each scoring call switches it to eval mode under ``torch.no_grad`` and
         then restores every submodule's previous ``training`` flag, so BatchNorm running statistics are not

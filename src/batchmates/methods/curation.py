@@ -22,7 +22,7 @@ Library choices:
   and/or projector outputs of both views, detached; ``curate_features``): no extra forward, so BatchNorm is in
   training mode (batch statistics) as in the step itself. Exception: ``resample`` needs scores of fresh views
   before the training forward, so it runs the backbone once more, under ``no_grad`` and in eval mode.
-  ``resnet18:PATH`` / ``resnet50:PATH`` (torchvision weights file; the paper's frozen ResNet; views un-normalised,
+  ``resnet18:PATH`` / ``resnet50:PATH`` (torchvision weights file; FRD's original extractor; views un-normalised,
   grey repeated to 3 channels, resized to ``curate_image_size``, ImageNet-normalised) and ``run:DIR`` (the
   frozen ``embed`` features of a finished batchmates run) need their own forward of both views: they cost more.
 * What "skip" means under Lightning's automatic optimisation (and DDP, where ``training_step`` must not return
@@ -101,7 +101,8 @@ CURATION_OPTIONS: dict[str, Option] = {
     "curate_window": Option(int, 32, "frd-batch: past batch scores in the running quantile (short: the online "
                                      "encoder's scores drift down as it trains)", minimum=1),
     "curate_warmup": Option(int, 8, "frd-batch with curate_quantile: first batches kept unconditionally (scores "
-                                    "recorded) before the quantile rule applies", minimum=1),
+                                    "recorded) before the quantile rule applies (capped at curate_window)",
+                             minimum=1),
     "curate_features": Option(str, "both", "online extractor: features of the training forward that are scored "
                                            "(both = sum of the backbone and projector scores)",
                               choices=FEATURE_CHOICES),
@@ -356,6 +357,7 @@ class CurationMixin:
             if decision == "skip":
                 self._curation_skip = True
                 return CuratedViews(None, None, skip=True, log=self._batch_log())
+            z1 = z2 = spaces = None  # free the rejected forward's graph before the next one (peak memory)
             v1, v2 = self.train_views(x)  # type: ignore[attr-defined]
             attempt += 1
         if not online:
