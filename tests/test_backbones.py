@@ -248,3 +248,12 @@ def test_count_parameters_and_set_eval_mode():
     assert set_eval_mode(nn.Linear(2, 2), "batch") == 0
     with pytest.raises(ValueError, match="independent"):
         set_eval_mode(model, "batched")
+
+
+def test_squeeze_excite_accepts_timm_constructor_keywords() -> None:
+    from batchmates.nn import SqueezeExcite
+
+    se = SqueezeExcite(16, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in se.parameters())
+    x = torch.randn(2, 16, 4, 4, dtype=torch.float64)
+    assert se(x).shape == x.shape and se(x).dtype == torch.float64

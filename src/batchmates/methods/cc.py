@@ -1,14 +1,15 @@
 """``cc``: cross-entropy plus CC-Loss, the channel correlation loss (Song et al. 2020, arXiv:2010.05469).
 
 ``L = CE + lambda_cc * L_cc`` on a backbone whose residual blocks carry Squeeze-and-Excitation layers
-(Hu et al. 2018, arXiv:1709.01507). In training mode every SE layer keeps its per-sample channel gates
-(``SqueezeExcite.last_attention``, ``[N, C]`` in ``(0, 1)``, with gradient); :class:`~batchmates.losses.CCLoss`
-pulls the gate vectors of same-class samples together and pushes different classes apart.
+(Hu et al. 2018, arXiv:1709.01507). For each training forward the method registers forward hooks on every used
+SE layer's ``gate`` submodule and collects the per-sample channel gates (``[N, C]`` in ``(0, 1)``, with gradient);
+:class:`~batchmates.losses.CCLoss` pulls the gate vectors of same-class samples together and pushes different
+classes apart.
 
 Paper: the CE + lambda * L_cc objective on SE attention vectors. Library choices:
 
-* the backbone always has SE-like layers: this method's default ``attn_layer`` is ``"se"``; another layer that
-  exposes ``last_attention`` (an "SE-like" layer) may be chosen with ``--attn-layer``; ``"none"`` or a layer
+* the backbone always has SE-like layers: this method's default ``attn_layer`` is ``"se"``; another layer with a
+  ``gate`` submodule (an "SE-like" layer) may be chosen with ``--attn-layer``; ``"none"`` or a layer
   without channel gates (e.g. ``"ba2m"``) is a :class:`~batchmates.training.config.ConfigError`;
 * ``cc_layers="last"`` (default) uses the SE layer of the last block; ``"all"`` averages the per-layer
   ``L_cc`` terms of every SE layer;

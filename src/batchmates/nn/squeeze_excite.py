@@ -26,13 +26,22 @@ class SqueezeExcite(nn.Module):
         channels: ``C``.
         reduction: bottleneck ratio (paper: 16).
         min_hidden: smallest bottleneck width (library choice).
+        device, dtype: where to create the parameters (timm passes these to attention layers).
     """
 
-    def __init__(self, channels: int, reduction: int = 16, min_hidden: int = 4) -> None:
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        min_hidden: int = 4,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         hidden = max(min_hidden, channels // reduction)
-        self.fc1 = nn.Conv2d(channels, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, device=device, dtype=dtype)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, device=device, dtype=dtype)
         self.gate = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
