@@ -8,6 +8,8 @@ shrink its logits N-fold and it does not train: a property of the equations, doc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -42,3 +44,10 @@ def test_raw_weights_train_and_evaluate_above_chance_in_both_eval_modes(tmp_path
     batch = _accuracy(model, splits, "batch", 64)
     assert independent > 0.3, independent  # chance is 0.1; before the expected-factor eval it scored ~0.1
     assert abs(independent - batch) < 0.05, (independent, batch)
+
+    # `batchmates eval --eval-mode batch` merges its result beside the run's own (independent) evaluation
+    before = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", str(out), "--protocol", "accuracy", "--eval-mode", "batch"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    assert after.get("eval") == before.get("eval") and after["test_acc"] == before["test_acc"]
+    assert abs(after["eval_batch"]["accuracy"]["top1"] - before["test_acc"]) < 0.05

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run's checkpoint")
     p.add_argument("--help-method", action="store_true", help="describe --method and its options, then exit")
     _add_run_args(p, single=True)
-    p.add_argument("--curate", action="append", dest="opt", type=lambda v: f"curate={v}", metavar="KIND", help="batch curation of simclr/supcon/barlow: frd-pairwise, frd-gaussian (= --opt curate=KIND)")  # noqa: E501
+    p.add_argument("--curate", action="append", dest="opt", type=lambda v: f"curate={v}", metavar="KIND", help="batch curation of simclr/supcon/barlow: frd-batch (one Gaussian FRD per batch), frd-pairwise, pair-sq-l2 (= --opt curate=KIND); see docs/curation.md")  # noqa: E501
 
     p = sub.add_parser(
         "eval", help="evaluate a trained run (accuracy, kNN, linear probe, corruptions)", formatter_class=_Formatter,
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="DIR", help="a directory written by `batchmates train`")
     p.add_argument("--protocol", action="append", choices=PROTOCOLS, help="protocol (repeatable; default all three)")
     p.add_argument("--corruptions", action="store_true", help="also evaluate on corrupted test sets (domain shift)")
+    p.add_argument("--eval-mode", choices=("independent", "batch"), default=None,
+                   help="override the run's eval_mode of batch-relational layers; 'batch' results are merged under "
+                        "'eval_batch' (test batches of the training batch size)")
     p.add_argument("--severity", action="append", type=int, help="corruption severity 1-5 (repeatable; default all)")
     p.add_argument("--kind", action="append", help="corruption kind (repeatable; default all)")
     p.add_argument("--device", default="cpu", help="device for feature extraction, e.g. cpu or cuda")
@@ -228,9 +231,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from batchmates.training.evaluate import evaluate
 
     res = evaluate(args.run_dir, args.protocol or list(PROTOCOLS), corruptions=args.corruptions,
-                   severities=args.severity, kinds=args.kind, device=args.device)
+                   severities=args.severity, kinds=args.kind, device=args.device, eval_mode=args.eval_mode)
     Console().print(Pretty(res))
-    print(f"results merged into {os.path.join(args.run_dir, 'metrics.json')} under 'eval'")
+    key = "eval_batch" if args.eval_mode == "batch" else "eval"
+    print(f"results merged into {os.path.join(args.run_dir, 'metrics.json')} under {key!r}")
     return 0
 
 

@@ -251,19 +251,30 @@ def corruption_accuracy(model: Any, splits: Any, *, severities: Sequence[int] | 
 
 def evaluate(run_dir: str, protocols: Sequence[str] = PROTOCOLS, *, corruptions: bool = False,
              severities: Sequence[int] | None = None, kinds: Sequence[str] | None = None,
-             device: str = "cpu") -> dict[str, Any]:
-    """Evaluate the run in ``run_dir`` and merge the results into ``run_dir/metrics.json`` under ``"eval"``."""
+             device: str = "cpu", eval_mode: str | None = None) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` and merge the results into ``run_dir/metrics.json`` under ``"eval"``.
+
+    ``eval_mode`` overrides the run's ``eval_mode`` of its batch-relational layers. ``"batch"`` evaluates test
+    batches of the run's (global) training batch size, in dataset order, and its results are merged under
+    ``"eval_batch"`` so they never overwrite the run's own (independent) evaluation.
+    """
     from batchmates.training.rundir import METRICS_FILE, load_run
 
     protocols = list(protocols) or list(PROTOCOLS)
     model, cfg, splits = load_run(run_dir, map_location=device)
     model.to(device)
-    res = evaluate_model(model, splits, protocols, batch_size=max(cfg.batch_size or 256, 256),
+    key, batch_size = "eval", max(cfg.batch_size or 256, 256)
+    if eval_mode is not None and eval_mode != cfg.eval_mode:
+        model.cfg = cfg = cfg.replace(eval_mode=eval_mode)
+        key = f"eval_{eval_mode}"
+    if cfg.eval_mode == "batch":
+        batch_size = int(cfg.batch_size or 256)  # batch mates as in training
+    res = evaluate_model(model, splits, protocols, batch_size=batch_size,
                          corruptions=corruptions, severities=severities, kinds=kinds)
     path = os.path.join(run_dir, METRICS_FILE)
     metrics = read_json(path, {}) or {}
-    ev = dict(metrics.get("eval", {}))
+    ev = dict(metrics.get(key, {}))
     ev.update(res)
-    metrics["eval"] = ev
+    metrics[key] = ev
     atomic_write_json(path, metrics)
     return res
