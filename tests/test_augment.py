@@ -73,8 +73,9 @@ def test_views_differ_and_two_views():
 
 def test_recipe_contents():
     names = lambda aug: [type(op).__name__ for op in aug.ops]  # noqa: E731
-    assert "RandomHorizontalFlip" not in names(make_augment(8, 1, [0.5], [0.5], "weak", hflip=False))
-    assert "RandomHorizontalFlip" in names(make_augment(28, 1, [0.5], [0.5], "weak"))
+    assert "RandomHorizontalFlip" not in names(make_augment(8, 1, [0.5], [0.5], "weak", hflip=False,
+                                                           backend="kornia"))
+    assert "RandomHorizontalFlip" in names(make_augment(28, 1, [0.5], [0.5], "weak", backend="kornia"))
     small = names(make_augment(28, 1, [0.5], [0.5], "simclr"))
     assert "RandomGaussianBlur" not in small and "RandomGrayscale" not in small
     big = names(make_augment(96, 3, [0.5] * 3, [0.5] * 3, "simclr"))
@@ -131,3 +132,76 @@ def test_validation():
         aug(torch.zeros(2, 1, 28, 28, dtype=torch.int64))
     with pytest.raises(ValueError, match="low_size"):
         MultiCrop(16, 28, channels=1, mean=[0.5], std=[0.5])
+
+
+def _offsets(out: torch.Tensor, size: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recover each sample's crop offsets and flip from a crop of the position-coded image of :func:`_coded`."""
+    c = size // 2
+    code = out[:, 0, c, c].round().long() - 1  # r * size + q of the source pixel under the output's centre
+    right = out[:, 0, c, c + 1].round().long() - 1
+    flipped = right < code
+    r, q = code // size, code % size
+    i = r - c + pad
+    j = torch.where(flipped, q - (size - 1 - c), q - c) + pad
+    return i, j, flipped
+
+
+def _coded(n: int, size: int) -> torch.Tensor:
+    """``n`` copies of an image whose pixel values are ``1 + row * size + col`` (float, so every pixel is unique)."""
+    img = torch.arange(1, size * size + 1, dtype=torch.float32).view(1, 1, size, size)
+    return img.repeat(n, 1, 1, 1)
+
+
+@pytest.mark.parametrize("p_flip", [0.0, 1.0, 0.5])
+def test_pad_crop_flip_is_an_exact_crop_of_the_padded_image(p_flip):
+    from batchmates.data.augment import PadCropFlip
+
+    x = torch.rand(16, 2, 12, 12)
+    torch.manual_seed(4)
+    out = PadCropFlip(12, 3, p_flip)(x)
+    xp = torch.nn.functional.pad(x, (3, 3, 3, 3))
+    flips = []
+    for b in range(16):
+        hits = [(i, j, f) for i in range(7) for j in range(7) for f in (False, True)
+                if torch.equal(out[b], xp[b, :, i:i + 12, j:j + 12].flip(-1) if f else xp[b, :, i:i + 12, j:j + 12])]
+        assert hits, f"sample {b} is not a crop of the zero-padded image"
+        flips.append(hits[0][2])
+    if p_flip in (0.0, 1.0):
+        assert all(f == bool(p_flip) for f in flips)
+    else:
+        assert 0 < sum(flips) < 16
+
+
+def test_torch_and_kornia_weak_crops_draw_from_the_same_distribution():
+    # 4000 crops of a position-coded image: offsets uniform on [0, 2 * pad] and flips at p = 0.5 for both backends
+    import kornia.augmentation as K
+
+    from batchmates.data.augment import PadCropFlip
+
+    n, size, pad = 4000, 28, 4
+    x = _coded(n, size)
+    torch.manual_seed(0)
+    ours = _offsets(PadCropFlip(size, pad)(x), size, pad)
+    torch.manual_seed(0)
+    theirs = _offsets(K.RandomHorizontalFlip()(K.RandomCrop((size, size), padding=pad)(x)), size, pad)
+    expected, sd = n / (2 * pad + 1), (n * (1 / 9) * (8 / 9)) ** 0.5
+    for i, j, flipped in (ours, theirs):
+        for v in (i, j):
+            counts = torch.bincount(v, minlength=2 * pad + 1)
+            assert counts.numel() == 2 * pad + 1 and int(v.min()) == 0
+            assert (counts.float() - expected).abs().max() < 5 * sd, counts
+        assert abs(flipped.float().mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
+
+
+def test_weak_backends_and_their_ops():
+    from batchmates.data.augment import PadCropFlip
+
+    torch_aug = make_augment(28, 1, [0.5], [0.5], "weak")
+    assert [type(op).__name__ for op in torch_aug.ops] == ["PadCropFlip"] and torch_aug.ops[0].p_flip == 0.5
+    assert make_augment(8, 1, [0.5], [0.5], "weak", hflip=False).ops[0].p_flip == 0.0
+    kornia_aug = make_augment(28, 1, [0.5], [0.5], "weak", backend="kornia")
+    assert [type(op).__name__ for op in kornia_aug.ops] == ["RandomCrop", "RandomHorizontalFlip"]
+    with pytest.raises(ValueError, match="backend"):
+        make_augment(28, 1, [0.5], [0.5], "weak", backend="numpy")
+    with pytest.raises(ValueError, match="does not fit"):
+        PadCropFlip(40, 2)(torch.zeros(1, 1, 28, 28))

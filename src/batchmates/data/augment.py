@@ -12,7 +12,11 @@ Recipes (``strength``):
 * ``"none"``: normalise only.
 * ``"weak"``: the supervised recipe: random crop with zero padding ``round(size / 8)`` (1 px at 8×8, 4 px at
   28 and 32) and, if ``hflip``, a horizontal flip (pass ``hflip=False`` for digits, whose labels flips change:
-  :class:`~batchmates.data.datasets.DatasetSplits` carries the right default in ``hflip``).
+  :class:`~batchmates.data.datasets.DatasetSplits` carries the right default in ``hflip``). By default this is
+  :class:`PadCropFlip`, one gather in plain torch; ``backend="kornia"`` gives kornia's ``RandomCrop`` +
+  ``RandomHorizontalFlip``, which draw from the same distribution (integer offsets uniform in
+  ``[0, 2·padding]``, exact copies of the zero-padded image, no resampling; checked in ``tests/test_augment.py``)
+  at about twice the cost (``batchmates bench train``).
 * ``"simclr"`` (Chen et al. 2020, arXiv:2002.05709): random resized crop, flip, colour jitter
   (strength 0.5: 0.4/0.4/0.4/0.1, p=0.8; brightness and contrast only for 1-channel images), random grayscale
   (p=0.2, 3-channel only), Gaussian blur (p=0.5) only for images of at least :data:`BLUR_MIN_SIZE` px.
@@ -39,6 +43,8 @@ __all__ = [
     "STRENGTHS",
     "BLUR_MIN_SIZE",
     "BatchAugment",
+    "PadCropFlip",
+    "BACKENDS",
     "make_augment",
     "eval_transform",
     "TwoViews",
@@ -49,6 +55,7 @@ __all__ = [
 ]
 
 STRENGTHS = ("none", "weak", "simclr", "barlow_a", "barlow_b")
+BACKENDS = ("torch", "kornia")
 #: Gaussian blur is applied only to outputs at least this large (see module docstring).
 BLUR_MIN_SIZE = 64
 
@@ -111,6 +118,38 @@ class BatchAugment(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
+class PadCropFlip(nn.Module):
+    """Random crop of ``size`` from the zero-padded batch, then a horizontal flip with probability ``p_flip``.
+
+    Per sample: offsets ``i, j`` uniform in ``[0, 2·padding]`` and a flip; the output is an exact copy of pixels
+    of the padded input (one gather, the flip folded into the column index). The draws come from the global torch
+    RNG on the batch's device, in the order ``i``, ``j``, flip. Same distribution as kornia's ``RandomCrop``
+    (``padding``, zero fill) followed by ``RandomHorizontalFlip``.
+    """
+
+    def __init__(self, size: int, padding: int, p_flip: float = 0.5) -> None:
+        super().__init__()
+        if size < 1 or padding < 0 or not 0.0 <= p_flip <= 1.0:
+            raise ValueError(f"PadCropFlip needs size >= 1, padding >= 0 and 0 <= p_flip <= 1; got size={size}, "
+                             f"padding={padding}, p_flip={p_flip}")
+        self.size, self.padding, self.p_flip = int(size), int(padding), float(p_flip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        s, pad, dev = self.size, self.padding, x.device
+        if h + 2 * pad < s or w + 2 * pad < s:
+            raise ValueError(f"PadCropFlip: a {s}px crop does not fit a {h}x{w} image padded by {pad}")
+        xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
+        i = torch.randint(0, h + 2 * pad - s + 1, (b,), device=dev)
+        j = torch.randint(0, w + 2 * pad - s + 1, (b,), device=dev)
+        ar = torch.arange(s, device=dev)
+        flip = torch.rand(b, device=dev) < self.p_flip
+        cols = j[:, None] + torch.where(flip[:, None], s - 1 - ar, ar)
+        rows = i[:, None] + ar
+        return xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def _blur(size: int, p: float) -> nn.Module:
     k = max(3, int(round(0.1 * size)) | 1)  # ~10 % of the side, odd (SimCLR)
     return K.RandomGaussianBlur((k, k), (0.1, 2.0), p=p)
@@ -134,6 +173,7 @@ def make_augment(
     hflip: bool = True,
     blur: bool | None = None,
     padding: int | None = None,
+    backend: str = "torch",
 ) -> BatchAugment:
     """Build a batched augmentation (see the module docstring for the recipes).
 
@@ -147,7 +187,11 @@ def make_augment(
         hflip: random horizontal flips (p=0.5).
         blur: force Gaussian blur on/off (default: on from :data:`BLUR_MIN_SIZE` px).
         padding: "weak" crop padding (default ``round(image_size / 8)``, at least 1).
+        backend: "weak" crop and flip in plain torch (``"torch"``, :class:`PadCropFlip`) or kornia's
+            ``RandomCrop`` + ``RandomHorizontalFlip`` (``"kornia"``): the same distribution.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}; got {backend!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int; got {image_size!r}")
     if channels not in (1, 3):
@@ -166,9 +210,12 @@ def make_augment(
     ops: list[nn.Module] = []
     if strength == "weak":
         pad = max(1, round(image_size / 8)) if padding is None else int(padding)
-        ops.append(K.RandomCrop((image_size, image_size), padding=pad))
-        if hflip:
-            ops.append(K.RandomHorizontalFlip())
+        if backend == "torch":
+            ops.append(PadCropFlip(image_size, pad, 0.5 if hflip else 0.0))
+        else:
+            ops.append(K.RandomCrop((image_size, image_size), padding=pad))
+            if hflip:
+                ops.append(K.RandomHorizontalFlip())
     elif strength == "simclr":
         ops.append(K.RandomResizedCrop((out, out), scale=(lo, hi)))
         if hflip:
