@@ -164,7 +164,8 @@ def test_no_source_file_over_450_lines():
 # Floors (docs/ARCHITECTURE.md): a module may import its own floor and the floors below it, never above.
 FLOORS: dict[str, int] = {
     # 0: vocabulary and plumbing
-    "registry": 0, "distributed": 0, "_checks": 0, "io": 0, "options": 0, "config": 0, "seeding": 0,
+    "registry": 0, "distributed": 0, "_checks": 0, "io": 0, "options": 0, "schema": 0, "config": 0,
+    "seeding": 0,
     # 1: the building blocks
     "losses": 1, "nn": 1, "curation": 1, "data": 1, "optim": 1,
     # 2: backbones (they import the layers they register)

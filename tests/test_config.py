@@ -63,7 +63,7 @@ def test_parsed_flags_have_the_schema_types() -> None:
         ({"max_steps": 0}, "max_steps must be -1 (no limit) or >= 1"),
         ({"momentum": 1.0}, "momentum must be in [0, 1)"),
         ({"label_noise": -0.1}, "label_noise must be a fraction in [0, 1)"),
-        ({"optimizer": "adam"}, "optimizer='adam': choose one of ['sgd', 'adamw'] (--optimizer)"),
+        ({"optimizer": "adam"}, "optimizer='adam': choose one of ['sgd', 'adamw', 'lars'] (--optimizer)"),
         ({"eval_protocols": ["knn", "top5"]}, "eval_protocols=['top5']: choose one of"),
         ({"seed": 1.5}, "seed must be an integer (got 1.5)"),
         ({"devices": True}, "devices must be an integer"),
@@ -139,8 +139,8 @@ def test_cli_rejects_an_unknown_dataset_before_loading(capsys, tmp_path) -> None
 
 
 # ---------------------------------------------------------------------------------------------- floors
-BOTTOM = {"batchmates.config", "batchmates.options", "batchmates.io", "batchmates.seeding", "batchmates.registry",
-          "batchmates.distributed"}
+BOTTOM = {"batchmates.config", "batchmates.options", "batchmates.schema", "batchmates.io", "batchmates.seeding",
+          "batchmates.registry", "batchmates.distributed"}
 
 
 def _imports(path: Path) -> set[str]:

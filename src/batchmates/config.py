@@ -1,7 +1,7 @@
 """Run configuration: the one schema of every run setting, the dataset facts a run keeps, and the run files.
 
-Bottom floor: imports only :mod:`batchmates.options` and :mod:`batchmates.io`. Methods, the trainer and the CLI
-import it; it imports none of them.
+Bottom floor: imports only :mod:`batchmates.options`, :mod:`batchmates.schema` (how a setting is declared, checked
+and turned into a flag) and :mod:`batchmates.io`. Methods, the trainer and the CLI import it; it imports none of them.
 
 ``RunConfig`` is what ``batchmates train`` builds from its flags and writes to ``DIR/config.yaml``;
 ``batchmates train --config DIR/config.yaml`` reruns it. Each field is declared once, with its type, default,
@@ -20,31 +20,34 @@ Library choices:
 * ``RunConfig.resolve()`` without a method class asks the method registry, which installs itself here
   (:func:`set_method_lookup`) when :mod:`batchmates.methods` is imported: this floor never imports the methods.
 * Old ``config.yaml`` files keep loading: fields are only ever added (with defaults), never renamed or removed.
+* ``backbone_spec`` is written by the run, not by the user: the exact timm/torchvision backbone it built
+  (:attr:`batchmates.models.foreign.ForeignBackbone.spec`), so that a checkpoint is rebuilt without re-reading
+  ``pretrained_path`` (its weights come from the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import types
-import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import yaml
 
 from batchmates.options import ConfigError, Option, RunError, parse_opt_assignments
+from batchmates.schema import Setting, add_arguments, check_value, declare, field_types, values_from_args
 
 __all__ = ["RunConfig", "Setting", "DataInfo", "Option", "ConfigError", "RunError", "parse_opt_assignments",
            "add_run_arguments", "settings_from_args", "set_method_lookup", "dataset_defaults", "DEFAULT_SETTINGS",
            "SETTINGS", "AUTO_SETTINGS", "TYPES",
-           "PRECISIONS", "OPTIMIZERS", "STRATEGIES", "ACCELERATORS", "PROTOCOLS", "EVAL_MODES",
+           "PRECISIONS", "OPTIMIZERS", "LR_RULES", "LOGGERS", "STRATEGIES", "ACCELERATORS", "PROTOCOLS", "EVAL_MODES",
            "CONFIG_FILE", "METRICS_FILE", "CKPT_FILE"]
 
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lars")
+LR_RULES = ("none", "linear", "sqrt")
+LOGGERS = ("tensorboard", "csv", "wandb")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PROTOCOLS = ("accuracy", "knn", "linear")
@@ -59,60 +62,7 @@ GROUPS = ("data and model", "optimisation", "hardware", "evaluation", "output")
 
 
 # ---------------------------------------------------------------------------------------------- the schema
-@dataclass(frozen=True)
-class Setting:
-    """How one :class:`RunConfig` field is checked and offered on the command line.
-
-    ``flag``: ``None`` gives ``--name-with-dashes``, ``""`` no flag. ``auto``: ``None`` means "the method's
-    default for the dataset" (filled by :meth:`RunConfig.resolve`). ``minimum``/``maximum`` are inclusive,
-    ``above``/``below`` exclusive; ``rule``/``accept`` state a rule the bounds cannot. ``shown``: the default
-    as ``--help`` words it, when the CLI fills it differently from the dataclass.
-    """
-
-    help: str
-    group: str
-    flag: str | None = None
-    choices: tuple[Any, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    above: float | None = None
-    below: float | None = None
-    auto: bool = False
-    what: str = ""
-    rule: str = ""
-    accept: Callable[[Any], bool] | None = None
-    metavar: str | None = None
-    shown: str = ""
-
-    def cli_flag(self, name: str) -> str:
-        return self.flag if self.flag is not None else "--" + name.replace("_", "-")
-
-    def range_text(self) -> str:
-        if self.rule:
-            return self.rule
-        lo = f"[{self.minimum:g}" if self.minimum is not None else (f"({self.above:g}" if self.above is not None
-                                                                    else "")
-        hi = f"{self.maximum:g}]" if self.maximum is not None else (f"{self.below:g})" if self.below is not None
-                                                                   else "")
-        if lo and hi:
-            return f"in {lo}, {hi}"
-        if lo:
-            return f">= {self.minimum:g}" if self.minimum is not None else f"> {self.above:g}"
-        return f"<= {self.maximum:g}" if self.maximum is not None else f"< {self.below:g}"
-
-    def in_range(self, v: Any) -> bool:
-        if self.accept is not None:
-            return bool(self.accept(v))
-        return not ((self.minimum is not None and v < self.minimum) or (self.maximum is not None and v > self.maximum)
-                    or (self.above is not None and v <= self.above) or (self.below is not None and v >= self.below))
-
-
-def _s(default: Any, help: str, group: str, **kw: Any) -> Any:
-    """A dataclass field carrying its :class:`Setting`."""
-    meta = {"setting": Setting(help, group, **kw)}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+_s = declare  # a dataclass field carrying its Setting (the machinery lives in batchmates.schema)
 
 
 _D, _O, _H, _E, _OUT = GROUPS  # the group names, short for the table below
@@ -127,14 +77,30 @@ class RunConfig:
                    "(see `batchmates data list`)", _D, metavar="DATA")
     data_dir: str | None = _s(None, "where the dataset files are (else $BATCHMATES_DATA, system paths, cache)", _D)
     download: bool = _s(False, "download missing files where possible", _D)
-    backbone: str | None = _s(None, "cnn, resnet-small, resnet18, vit-tiny", _D, auto=True)
+    backbone: str | None = _s(None, "cnn, resnet-small, resnet18, vit-tiny, vit-tiny-conv, or timm:NAME / "
+                              "torchvision:NAME (e.g. timm:resnet18)", _D, auto=True, metavar="NAME")
+    pretrained_path: str | None = _s(None, "weights of a timm:/torchvision: backbone: a local .safetensors file or "
+                                     "torch state dict (nothing is downloaded)", _D, metavar="FILE")
+    backbone_kwargs: dict[str, Any] = _s({}, "keyword of the backbone's constructor (timm.create_model, torchvision "
+                                         "get_model or create_backbone), repeatable, value read as YAML", _D,
+                                         flag="--backbone-kwarg", metavar="KEY=VALUE")
+    backbone_spec: dict[str, Any] | None = _s(None, "the timm/torchvision backbone the run built (written by the run; "
+                                              "eval, resume and from_checkpoint rebuild it from here)", _D, flag="")
+    image_size: int | None = _s(None, "resize every image to this many pixels (unset: the dataset's own size)", _D,
+                                minimum=1, metavar="PX")
     attn_layer: str | None = _s(None, "attention in every residual block: none, se, ba2m", _D, auto=True)
     epochs: int | None = _s(None, "training epochs", _O, auto=True, minimum=1)
     max_steps: int = _s(-1, "stop after this many optimiser steps (-1: no limit)", _O, rule="-1 (no limit) or >= 1",
                         accept=lambda v: v == -1 or v >= 1)
     batch_size: int | None = _s(None, "global batch size (split over --devices)", _O, auto=True, minimum=1)
     lr: float | None = _s(None, "peak learning rate", _O, auto=True, above=0.0)
-    optimizer: str | None = _s(None, "optimiser", _O, auto=True, choices=OPTIMIZERS)
+    optimizer: str | None = _s(None, "optimiser (lars: timm's LARS, no decay or adaptation on biases and norms)", _O,
+                               auto=True, choices=OPTIMIZERS)
+    lr_rule: str = _s("none", "read --lr per 256 images and scale it to --batch-size: linear (lr*B/256), sqrt "
+                      "(lr*sqrt(B/256)) or none (--lr as given)", _O, choices=LR_RULES)
+    accumulate: int = _s(1, "micro-batches per optimiser step of a contrastive method (cached accumulation: the same "
+                         "loss and gradients as the whole batch, activations of one micro-batch)", _O, minimum=1,
+                         metavar="N")
     momentum: float = _s(0.9, "SGD momentum", _O, minimum=0.0, below=1.0)
     weight_decay: float | None = _s(None, "weight decay (not on biases and norms)", _O, auto=True, minimum=0.0)
     warmup_epochs: float | None = _s(None, "linear warm-up length before the cosine decay", _O, auto=True,
@@ -144,7 +110,11 @@ class RunConfig:
                   shown="runs/METHOD-DATA")
     precision: str = _s("32-true", "numeric precision", _H, choices=PRECISIONS)
     accelerator: str = _s("auto", "device type", _H, choices=ACCELERATORS)
-    devices: int = _s(1, "devices/processes (DDP when > 1 with --strategy ddp)", _H, minimum=1)
+    devices: int = _s(1, "devices/processes per node (DDP when > 1 with --strategy ddp)", _H, minimum=1)
+    num_nodes: int = _s(1, "machines (torchrun --nnodes); the global batch is split over num_nodes x devices", _H,
+                        minimum=1)
+    sync_bn: bool = _s(False, "synchronise BatchNorm statistics over all processes (DDP)", _H)
+    compile: bool = _s(False, "torch.compile the backbone (opt-in; the first steps compile)", _H)
     strategy: str = _s("auto", "Lightning strategy", _H, choices=STRATEGIES)
     num_workers: int = _s(0, "DataLoader workers for file-backed datasets", _H, minimum=0)
     checkpoint_every_n_steps: int = _s(100, "also write last.ckpt every N optimiser steps (0: only at epoch ends)",
@@ -158,6 +128,11 @@ class RunConfig:
     deterministic: bool = _s(False, "deterministic algorithms only", _H)
     threads: int | None = _s(None, "torch CPU threads (unset: torch's choice)", _H, minimum=1)
     progress: bool = _s(True, "show a progress bar; --no-progress turns it off", _OUT, flag="--no-progress")
+    logger: str = _s("tensorboard", "where per-step metrics go besides metrics.csv: tensorboard (tb/), csv (logs/) "
+                     "or wandb (needs the wandb package)", _OUT, choices=LOGGERS)
+    monitor_every: int = _s(-1, "kNN accuracy and embedding rank (RankMe) on held-out data every N epochs (0: off; "
+                            "-1: every epoch for methods without a classifier, else off)", _E,
+                            rule="-1 (per method), 0 (off) or >= 1", accept=lambda v: v >= -1, metavar="N")
     options: dict[str, Any] = _s({}, "method options (--opt KEY=VALUE)", _D, flag="")
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -212,9 +187,12 @@ class RunConfig:
         """Check every setting against its declaration; raise :class:`ConfigError` naming it and the fix."""
         for f in fields(self):
             _check(f.name, getattr(self, f.name))
-        if self.batch_size is not None and self.batch_size % self.devices:
+        world = self.devices * self.num_nodes
+        if self.batch_size is not None and self.batch_size % (world * self.accumulate):
+            parts = f"devices={self.devices}" + (f" x num_nodes={self.num_nodes}" if self.num_nodes > 1 else "")
+            parts += f" x accumulate={self.accumulate}" if self.accumulate > 1 else ""
             raise ConfigError(f"batch_size={self.batch_size} is the global batch and must be divisible by "
-                              f"devices={self.devices}; pick a multiple of {self.devices} for --batch-size")
+                              f"{parts}; pick a multiple of {world * self.accumulate} for --batch-size")
         return self
 
     def resolve(self, method_cls: Any = None) -> RunConfig:
@@ -246,74 +224,22 @@ SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in fields(Ru
 AUTO_SETTINGS: tuple[str, ...] = tuple(n for n, s in SETTINGS.items() if s.auto)
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """``name -> (base type, accepts None)`` from the annotations (``int | None`` -> ``(int, True)``)."""
-    out = {}
-    for name, hint in typing.get_type_hints(RunConfig).items():
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        base = next(a for a in args if a is not type(None))
-        out[name] = (typing.get_origin(base) or base, type(None) in args)
-    return out
-
-
-TYPES = _field_types()
+TYPES = field_types(RunConfig)
 
 
 def _check(name: str, v: Any) -> None:
-    s, (t, nullable) = SETTINGS[name], TYPES[name]
-    flag = s.cli_flag(name) if s.flag != "" else f"the config key {name!r}"
-    if v is None:
-        if nullable:
-            return
-        raise ConfigError(f"{name} must be set (got None); pass {flag}")
-    ok = {bool: lambda: isinstance(v, bool),
-          int: lambda: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-          str: lambda: isinstance(v, str) and bool(v),
-          list: lambda: isinstance(v, list | tuple),
-          dict: lambda: isinstance(v, dict)}[t]()
-    if not ok:
-        kind = {float: "a finite number", int: "an integer", bool: "true or false", list: "a list",
-                dict: "a mapping", str: "a non-empty string"}[t]
-        raise ConfigError(f"{name} must be {kind} (got {v!r}); fix {flag}")
-    if s.choices is not None:
-        bad = [x for x in (v if t is list else [v]) if x not in s.choices]
-        if bad:
-            shown = bad if t is list else repr(bad[0])
-            raise ConfigError(f"{name}={shown}: choose one of {list(s.choices)} ({flag})")
-    elif t in (int, float) and not s.in_range(v):
-        what = f"{s.what} " if s.what else ""
-        raise ConfigError(f"{name} must be {what}{s.range_text()} (got {v!r}); fix {flag}")
+    check_value(name, v, SETTINGS[name], TYPES[name])
 
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_run_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
     """Add one flag per run setting (grouped as in the schema), all defaulting to "not given"."""
-    groups = {g: parser.add_argument_group(g) for g in GROUPS}
-    for name, s in SETTINGS.items():
-        if name in exclude or s.flag == "":
-            continue
-        t, _ = TYPES[name]
-        if s.shown or s.auto:
-            shown = s.shown or "per method and dataset"
-        else:
-            default = RunConfig.__dataclass_fields__[name]
-            value = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
-            shown = "unset" if value is None else (", ".join(value) if t is list else value)
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f"{s.help} (default: {shown})"}
-        if t is bool:
-            kw.update(action="store_const", const=not RunConfig.__dataclass_fields__[name].default)
-        elif t is list:
-            kw.update(action="append", choices=s.choices)
-        else:
-            kw.update(type=t, choices=s.choices, metavar=s.metavar)
-        groups[s.group].add_argument(s.cli_flag(name), **kw)
+    add_arguments(parser, RunConfig, GROUPS, exclude=exclude)
 
 
 def settings_from_args(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """The run settings given on the command line (flags added by :func:`add_run_arguments`), by field name."""
-    return {name: getattr(args, name) for name in SETTINGS
-            if name != "options" and name not in exclude and hasattr(args, name)}
+    return values_from_args(args, RunConfig, exclude=exclude)
 
 
 # ---------------------------------------------------------------------------------------------- dataset facts

@@ -61,20 +61,16 @@ class BA2MMethod(CrossEntropy):
     }
 
     def build_backbone(self) -> nn.Module:
-        from batchmates.models import create_backbone
-
         if self.cfg.attn_layer not in ("none", "ba2m"):
             raise ConfigError(
                 f"method 'ba2m' puts BA2M into the backbone itself; attn_layer={self.cfg.attn_layer!r} would replace "
                 f"it: drop --attn-layer (or use --method ce --attn-layer {self.cfg.attn_layer})"
             )
-        if self.cfg.backbone == "vit-tiny":
-            raise ConfigError("method 'ba2m' needs a convolutional backbone (cnn, resnet-small, resnet18); "
-                              "got --backbone vit-tiny")
-        return create_backbone(
+        if self.cfg.backbone in ("vit-tiny", "vit-tiny-conv"):
+            raise ConfigError("method 'ba2m' needs a convolutional backbone (cnn, resnet-small, resnet18, or a timm/"
+                              f"torchvision ResNet such as timm:resnet18); got --backbone {self.cfg.backbone}")
+        return self.create_run_backbone(  # a model without residual blocks: ConfigError naming --backbone
             self.cfg.backbone,
-            in_channels=self.info.in_channels,
-            image_size=self.info.image_size,
             attn_layer="ba2m",
             attn_placement=self.opts["placement"],
             attn_kwargs={

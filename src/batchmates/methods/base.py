@@ -88,6 +88,7 @@ class Method(L.LightningModule):
     batch_relational: ClassVar[bool] = False
     options: ClassVar[dict[str, Option]] = {}
     datasets: ClassVar[tuple[str, ...] | None] = None  # None: every dataset
+    cached_accumulation: ClassVar[bool] = False  # supports --accumulate N > 1 (exact cached accumulation)
     summary: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ class-level configuration
@@ -112,9 +113,20 @@ class Method(L.LightningModule):
         from batchmates.models import available_attn_layers, available_backbones
 
         try:
-            resolve_dataset(cfg.data)
+            source, _ = resolve_dataset(cfg.data)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"data={cfg.data!r}: {e}") from None
+        if cls.supervised and not getattr(source, "labeled", True):
+            raise ConfigError(f"method {cfg.method!r} trains on labels but data={cfg.data!r} has none; use a "
+                              "self-supervised method (simclr, swav, barlow) or labelled data (--data)")
+        if cfg.pretrained_path and ":" not in cfg.backbone:
+            raise ConfigError(f"pretrained_path loads the weights of a timm:NAME or torchvision:NAME backbone, not of "
+                              f"batchmates' own {cfg.backbone!r}; drop --pretrained-path or pass e.g. "
+                              "--backbone timm:resnet18")
+        if cfg.accumulate > 1 and not cls.cached_accumulation:
+            raise ConfigError(f"accumulate={cfg.accumulate}: cached accumulation is exact for the contrastive methods "
+                              f"(supcon, simclr) only, not for {cfg.method!r}; drop --accumulate (or lower "
+                              "--batch-size)")
         attn_layers = ["none", *(n for n in available_attn_layers() if n != "none")]
         for name, value, known in (("backbone", cfg.backbone, available_backbones()),
                                    ("attn_layer", cfg.attn_layer, attn_layers)):
@@ -125,13 +137,18 @@ class Method(L.LightningModule):
                                   f"(--{name.replace('_', '-')})")
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, map_location: Any = "cpu") -> Method:
+    def from_checkpoint(cls, path: str | os.PathLike, *, map_location: Any = "cpu",
+                        backbone: nn.Module | None = None) -> Method:
         """Rebuild the trained method of a checkpoint file, or of a run directory's ``last.ckpt``, in eval mode.
 
         The dataset is not loaded: every checkpoint stores the resolved config and the :class:`DataInfo`.
         ``cfg.out`` becomes the directory the checkpoint was read from. On a subclass, the checkpoint must hold
-        that method. Checkpoints are pickles: load only files you trust.
+        that method. A timm/torchvision backbone is rebuilt from the recorded ``backbone_spec`` (``pretrained_path``
+        is not read); a run trained on a user's module needs a fresh instance of it as ``backbone``.
+        Checkpoints are pickles: load only files you trust.
         """
+        from batchmates.methods.build import rebuilding_from_checkpoint, using_backbone
+
         path = os.fspath(path)
         ckpt = os.path.join(path, CKPT_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(ckpt):
@@ -148,7 +165,8 @@ class Method(L.LightningModule):
         if not issubclass(method_cls, cls):
             raise RunError(f"{ckpt!r} holds a {method_cls.name!r} run, not a {cls.__name__}; use "
                            "Method.from_checkpoint to load any method")
-        model = method_cls(cfg, DataInfo.from_dict(meta["info"]))
+        with rebuilding_from_checkpoint(), using_backbone(backbone):
+            model = method_cls(cfg, DataInfo.from_dict(meta["info"]))
         model.load_state_dict(state["state_dict"])
         return model.eval()
 
@@ -208,19 +226,24 @@ class Method(L.LightningModule):
 
     @property
     def resolved_config(self) -> RunConfig:
-        """The run config with every option as this method resolved it (no automatic values left)."""
-        return self.cfg.replace(options=dict(self.opts))
+        """The run config with every option as this method resolved it (no automatic values left) and the spec of
+        a timm/torchvision backbone (``backbone_spec``), so that it rebuilds without ``pretrained_path``."""
+        spec = getattr(self.backbone, "spec", None)
+        return self.cfg.replace(options=dict(self.opts),
+                                backbone_spec=dict(spec) if isinstance(spec, dict) else self.cfg.backbone_spec)
 
     def build_backbone(self) -> nn.Module:
         """The feature extractor (``forward(x) -> [N, feature_dim]``); default from the run's backbone setting."""
-        from batchmates.models import create_backbone
+        return self.create_run_backbone(self.cfg.backbone, attn_layer=self.cfg.attn_layer)
 
-        return create_backbone(
-            self.cfg.backbone,
-            in_channels=self.info.in_channels,
-            image_size=self.info.image_size,
-            attn_layer=self.cfg.attn_layer,
-        )
+    def create_run_backbone(self, name: str, **kw: Any) -> nn.Module:
+        """Backbone ``name`` for this run's images (:func:`batchmates.methods.build.build_run_backbone`: own names,
+        ``timm:``/``torchvision:`` with ``pretrained_path``, or the module given to ``train(backbone=...)``);
+        ``kw`` are more ``create_backbone`` keywords. Records them as :attr:`backbone_recipe` (for export)."""
+        from batchmates.methods.build import build_run_backbone
+
+        self.backbone_recipe = {"name": name, **{**self.cfg.backbone_kwargs, **kw}}
+        return build_run_backbone(self.cfg, self.info, name, **kw)
 
     def make_augment(self, strength: str = "weak", **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """A batched augmentation (``uint8 [B,C,H,W] -> normalised float``) for this dataset."""
@@ -303,26 +326,20 @@ class Method(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups: weight decay on weights, none on biases and normalisation parameters (library choice)."""
-        decay, no_decay = [], []
-        for _, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": float(self.cfg.weight_decay)}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+        """Parameter groups: weight decay on weights; none (and, under LARS, no trust-ratio adaptation) on biases,
+        normalisation parameters and ``no_weight_decay()`` names (:func:`batchmates.optim.make_param_groups`)."""
+        from batchmates.optim import make_param_groups
+
+        groups = make_param_groups(self, float(self.cfg.weight_decay))
+        for g in groups:
+            g.pop("param_names", None)  # optimiser states of runs written before keep loading
         return groups
 
     def configure_optimizers(self) -> Any:
+        from batchmates.methods.build import create_optimizer
+
         cfg = self.cfg
-        groups = self.parameter_groups()
-        if cfg.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-        elif cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
-        else:  # pragma: no cover - validated in RunConfig
-            raise ConfigError(f"optimizer={cfg.optimizer!r}: choose 'sgd' or 'adamw'")
+        opt = create_optimizer(cfg, self.parameter_groups())
         per_epoch = self.steps_per_epoch
         if per_epoch is None:
             # Note: Trainer.estimated_stepping_batches sets up the train loader before a checkpoint's loop state is

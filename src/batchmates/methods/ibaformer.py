@@ -21,6 +21,10 @@ Library choices:
   plain self-attention. ``iba_blocks``: ``all``, ``none`` (the plain self-attention ViT, i.e. the baseline with
   the very same budget), ``lastK`` / ``firstK`` (e.g. ``last2``, the default) or comma-separated block indices
   (``0,2``; negative counts from the end).
+* ``--backbone timm:vit_...`` (a timm Vision Transformer, optionally with ``--pretrained-path``): the blocks of
+  ``iba_blocks`` are converted by :func:`batchmates.nn.to_ibaformer`, which keeps the timm weights (qkv, proj); a
+  converted model in independent eval before training computes what the timm model computes. Small images need
+  a small patch, e.g. ``--backbone-kwarg patch_size=4``.
 * Per-dataset defaults for a small ViT on CPU: AdamW, lr 1e-3, weight decay 0.05, short warm-up; on digits 6
   epochs (126 steps at batch 64), enough for about 90% top-1 in roughly 20 s of one CPU thread.
 * Domain-shift evaluation: the trainer's corruption protocol (``batchmates eval DIR --corruptions`` or
@@ -115,20 +119,7 @@ class IBAFormerMethod(CrossEntropy):
                               "use eval_form=running (or auto) with mode=mean")
         return opts
 
-    def build_backbone(self) -> nn.Module:
-        from batchmates.models import create_backbone
-        from batchmates.models.vit import VisionTransformer
-
-        if self.cfg.backbone not in _BACKBONES:
-            raise ConfigError(f"method 'ibaformer' needs a transformer backbone, --backbone vit-tiny-conv (default) or "
-                              f"vit-tiny; got {self.cfg.backbone!r}")
-        if self.cfg.attn_layer not in (None, "none"):
-            raise ConfigError(f"method 'ibaformer' uses token mixers, not --attn-layer {self.cfg.attn_layer}; "
-                              "drop --attn-layer")
-        depth = int(inspect.signature(VisionTransformer).parameters["depth"].default)  # vit-tiny's depth
-        self.iba_block_ids = parse_iba_blocks(self.opts["iba_blocks"], depth)
-        mixer = _MIXER[self.opts["mode"]]
-        mixers = [mixer if i in self.iba_block_ids else "self" for i in range(depth)]
+    def _iba_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "eval_mode": self.cfg.eval_mode,
             "eval_form": None if self.opts["eval_form"] == "auto" else self.opts["eval_form"],
@@ -137,10 +128,46 @@ class IBAFormerMethod(CrossEntropy):
         }
         if self.opts["chunk_size"] > 0:
             kw["chunk_size"] = self.opts["chunk_size"]
-        return create_backbone(
+        return kw
+
+    def _timm_vit(self) -> nn.Module:
+        """A timm ViT (``--backbone timm:vit_...``) whose chosen blocks become intra-batch attention (to_ibaformer)."""
+        from batchmates.nn.ibaformer_convert import to_ibaformer
+
+        backbone = self.create_run_backbone(self.cfg.backbone, attn_layer="none")
+        blocks = getattr(getattr(backbone, "model", None), "blocks", None)
+        if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not len(blocks):
+            raise ConfigError(f"method 'ibaformer' on {self.cfg.backbone!r}: not a timm Vision Transformer (no "
+                              "`blocks`); use --backbone timm:vit_... (e.g. timm:vit_tiny_patch16_224 with "
+                              "--backbone-kwarg patch_size=4 for small images) or vit-tiny-conv")
+        self.iba_block_ids = parse_iba_blocks(self.opts["iba_blocks"], len(blocks))
+        convert = {"blocks": list(self.iba_block_ids), "mode": self.opts["mode"], **self._iba_kwargs()}
+        if self.iba_block_ids:
+            try:
+                to_ibaformer(backbone.model, **convert)
+            except ValueError as err:
+                raise ConfigError(f"method 'ibaformer' on {self.cfg.backbone!r}: {err}") from err
+            self.backbone_transform = {"to_ibaformer": convert}  # what export records to rebuild the backbone
+        return backbone
+
+    def build_backbone(self) -> nn.Module:
+        from batchmates.models.vit import VisionTransformer
+
+        if self.cfg.attn_layer not in (None, "none"):
+            raise ConfigError(f"method 'ibaformer' uses token mixers, not --attn-layer {self.cfg.attn_layer}; "
+                              "drop --attn-layer")
+        if self.cfg.backbone.startswith("timm:"):
+            return self._timm_vit()
+        if self.cfg.backbone not in _BACKBONES:
+            raise ConfigError(f"method 'ibaformer' needs a transformer backbone, --backbone vit-tiny-conv (default), "
+                              f"vit-tiny or a timm ViT (timm:vit_...); got {self.cfg.backbone!r}")
+        depth = int(inspect.signature(VisionTransformer).parameters["depth"].default)  # vit-tiny's depth
+        self.iba_block_ids = parse_iba_blocks(self.opts["iba_blocks"], depth)
+        mixer = _MIXER[self.opts["mode"]]
+        mixers = [mixer if i in self.iba_block_ids else "self" for i in range(depth)]
+        kw = self._iba_kwargs()
+        return self.create_run_backbone(
             self.cfg.backbone,
-            in_channels=self.info.in_channels,
-            image_size=self.info.image_size,
             depth=depth,
             mixers=mixers,
             mixer_kwargs={mixer: kw} if self.iba_block_ids else None,

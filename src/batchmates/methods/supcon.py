@@ -12,7 +12,9 @@ official loss, and equal to the temperature for SimCLR (plain NT-Xent).
 
 Library choices: the linear classifier is the trainer's linear probe (the method has no ``classify``, so
 ``batchmates train`` fits a probe on the frozen ``embed`` features for its accuracy); the optimiser is the
-trainer's SGD-momentum/AdamW with warm-up and cosine decay (the paper uses LARS at batch 1024+, not wired here);
+trainer's SGD-momentum/AdamW/LARS (``--optimizer lars``, the paper's choice at batch 1024+) with warm-up and
+cosine decay; ``--accumulate N`` gives the large batch's loss and gradients from N micro-batches
+(:mod:`batchmates.methods.accumulate`);
 the loss gathers the global batch under DDP (:class:`batchmates.losses.SupConLoss`); and batch curation by FRD
 (The Bad Batches, arXiv:2403.19579; options ``curate*``, see :mod:`batchmates.methods.curation`).
 """
@@ -29,6 +31,7 @@ from batchmates.config import Option, RunConfig
 from batchmates.curation import CurationResult, apply_curation, weighted_mean
 from batchmates.data.augment import TwoViews
 from batchmates.losses import SupConLoss
+from batchmates.methods.accumulate import CachedAccumulationMixin
 from batchmates.methods.base import DataInfo, Method
 from batchmates.methods.curation import CURATION_OPTIONS, CurationMixin
 from batchmates.methods.registry import register_method
@@ -50,7 +53,7 @@ def _contrastive_options(base_temperature: float, base_help: str) -> dict[str, O
     }
 
 
-class ContrastiveMethod(CurationMixin, Method):
+class ContrastiveMethod(CachedAccumulationMixin, CurationMixin, Method):
     """Shared implementation of ``supcon`` (labels) and ``simclr`` (no labels)."""
 
     batch_relational = True
@@ -60,7 +63,7 @@ class ContrastiveMethod(CurationMixin, Method):
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         feat = int(self.backbone.feature_dim)
-        hidden = int(self.opts["hidden_dim"]) or feat
+        hidden = self.resolve_option("hidden_dim", int(self.opts["hidden_dim"]) or feat)
         self.head = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(inplace=True),
                                   nn.Linear(hidden, int(self.opts["proj_dim"])))
         tau = float(self.opts["temperature"])
@@ -69,6 +72,7 @@ class ContrastiveMethod(CurationMixin, Method):
         self.loss_fn = SupConLoss(tau, base, chunk_size=chunk)
         self.loss_per_anchor = SupConLoss(tau, base, chunk_size=chunk, reduction="none")
         self.setup_curation()
+        self.setup_accumulation()  # --accumulate N > 1: exact cached accumulation (methods.accumulate)
 
     @classmethod
     def default_settings(cls, data: str) -> dict[str, Any]:
@@ -117,6 +121,8 @@ class ContrastiveMethod(CurationMixin, Method):
         return self.contrastive_loss(cv.z1, cv.z2, y if self.use_labels else None, cv.result), cv.log
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.accumulating:
+            return self.cached_step(batch)
         loss, extra = self.compute_loss(batch)
         self.log_curated(loss, batch_size=int(batch[0].shape[0]), extra=extra)
         return loss

@@ -9,8 +9,9 @@ workers to a fixed ``uint8 [C, S, S]`` tensor, then augmented the same batched w
 
 Library choices:
 
-* One file per family (:mod:`.digits`, :mod:`.fashion_mnist`, :mod:`.torchvision_sets`, :mod:`.imagefolder`;
-  shared containers and helpers in :mod:`.common`), each defining :class:`DatasetSource` objects that this
+* One file per family (:mod:`.digits`, :mod:`.fashion_mnist`, :mod:`.torchvision_sets`, :mod:`.imagefolder`
+  (with and without labels), :mod:`.custom` (a user's own ``Dataset``); shared containers and helpers in
+  :mod:`.common`), each defining :class:`DatasetSource` objects that this
   package registers by name in :data:`DATASET_SOURCES` (the package imports its members, never the other way
   round). Adding a dataset is one file plus one entry in ``_BUILTIN`` below (or :func:`register_dataset` from
   user code).
@@ -38,6 +39,7 @@ from batchmates.data.datasets.common import (
     channel_stats,
     default_cache_dir,
 )
+from batchmates.data.datasets.custom import CUSTOM, splits_from_datasets
 from batchmates.data.datasets.digits import DIGITS, DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION
 from batchmates.data.datasets.fashion_mnist import (
     FASHION_MNIST,
@@ -45,7 +47,12 @@ from batchmates.data.datasets.fashion_mnist import (
     FASHION_MNIST_SYSTEM_DIR,
     read_idx,
 )
-from batchmates.data.datasets.imagefolder import IMAGEFOLDER, IMAGEFOLDER_SPLIT_SEED, IMAGEFOLDER_TEST_FRACTION
+from batchmates.data.datasets.imagefolder import (
+    IMAGEFOLDER,
+    IMAGEFOLDER_SPLIT_SEED,
+    IMAGEFOLDER_TEST_FRACTION,
+    IMAGEFOLDER_UNLABELED,
+)
 from batchmates.data.datasets.torchvision_sets import CIFAR10, CIFAR100, FLOWERS102, STL10, STL10Unlabeled
 from batchmates.registry import Registry
 
@@ -63,6 +70,7 @@ __all__ = [
     "resolve_dataset",
     "load_dataset",
     "describe_datasets",
+    "splits_from_datasets",
     "read_idx",
     "channel_stats",
     "default_cache_dir",
@@ -89,7 +97,7 @@ def register_dataset(source: DatasetSource) -> DatasetSource:
     return source
 
 
-_BUILTIN = (DIGITS, FASHION_MNIST, CIFAR10, CIFAR100, STL10, FLOWERS102, IMAGEFOLDER)
+_BUILTIN = (DIGITS, FASHION_MNIST, CIFAR10, CIFAR100, STL10, FLOWERS102, IMAGEFOLDER, IMAGEFOLDER_UNLABELED, CUSTOM)
 for _source in _BUILTIN:
     register_dataset(_source)
 

@@ -156,6 +156,7 @@ class DatasetSource:
             ``present``, ``location``, ``size`` and ``how``; fast (nothing decoded).
         aliases: other names accepted for it (``fashion_mnist``).
         argument: the metavariable of a required argument (``"PATH"`` for ``imagefolder:PATH``), else None.
+        labeled: False for images without labels (self-supervised pretraining only; labels are ``-1``).
     """
 
     name: str
@@ -163,6 +164,7 @@ class DatasetSource:
     describe: Callable[[str | os.PathLike | None], dict[str, Any]]
     aliases: tuple[str, ...] = ()
     argument: str | None = None
+    labeled: bool = True
 
     @property
     def display_name(self) -> str:
