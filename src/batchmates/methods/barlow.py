@@ -78,7 +78,7 @@ class BarlowTwins(CurationMixin, Method):
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
-        width = int(self.opts["proj_dim"]) or auto_projector_width(info.image_size)
+        width = self.resolve_option("proj_dim", int(self.opts["proj_dim"]) or auto_projector_width(info.image_size))
         self.projector = barlow_projector(int(self.backbone.feature_dim), width, int(self.opts["proj_layers"]))
         self.loss_fn = BarlowTwinsLoss(float(self.opts["lambda_param"]), scale_loss=float(self.opts["scale_loss"]))
         self.setup_curation()

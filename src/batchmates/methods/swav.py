@@ -11,8 +11,9 @@ Per training step (paper, Sec. 3 and the official ``main_swav.py``):
    together (one concatenated batch per resolution, as the official model does);
 3. :class:`~batchmates.losses.swav.SwAVLoss`: Sinkhorn codes of the high-resolution crops, predicted from every
    other crop;
-4. prototype rows re-normalised to unit length before every step (and after it, so checkpoints hold unit
-   rows); prototype gradients dropped for the first ``freeze_prototypes`` iterations (``on_after_backward``);
+4. prototype rows re-normalised to unit length before every step (and right after the optimiser step, so
+   checkpoints hold unit rows); prototype gradients dropped for the first ``freeze_prototypes`` iterations
+   (``on_after_backward``);
 5. optional queue (:class:`~batchmates.losses.swav.SwAVQueue`) of past high-resolution embeddings, filled from
    epoch ``queue_start_epoch`` on and used by Sinkhorn once full.
 
@@ -107,8 +108,10 @@ class SwAV(Method):
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         o = self.opts
-        self.n_prototypes = int(o["n_prototypes"]) or auto_n_prototypes(info.name)
-        self.epsilon = float(o["epsilon"]) or auto_epsilon(info.name)
+        # automatic values (0 / -1) are written resolved into config.yaml and the checkpoint
+        self.n_prototypes = self.resolve_option("n_prototypes", int(o["n_prototypes"]) or auto_n_prototypes(info.name))
+        self.epsilon = self.resolve_option("epsilon", float(o["epsilon"]) or auto_epsilon(info.name))
+        self.resolve_option("n_low_crops", self.n_low_crops)  # resolved in build_train_augment
         queue_length = int(o["queue_length"])
         if queue_length and queue_length % int(cfg.batch_size):
             fix = max(1, round(queue_length / cfg.batch_size)) * cfg.batch_size
@@ -192,5 +195,9 @@ class SwAV(Method):
     def on_after_backward(self) -> None:
         self.prototypes.freeze_prototypes_if(int(self.global_step))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.prototypes.normalize_()  # so that checkpoints and the next step see unit rows
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Unit rows right after the update, before any checkpoint of this step is written: a run resumed from
+        # that checkpoint then re-normalises exactly what the uninterrupted run re-normalises at the next step
+        # start (normalising at batch end, after the checkpoint callbacks, made resumed runs differ in the last bits).
+        self.prototypes.normalize_()

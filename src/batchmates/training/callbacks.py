@@ -5,8 +5,11 @@ Paper: none (library infrastructure).
 Library choices:
 
 * :class:`History` keeps one row of metrics per epoch and rewrites ``metrics.csv`` atomically after each one;
-  its rows and training seconds are part of the checkpoint, so a resumed run keeps its curve. It also reads the
-  state that runs written before this module existed stored under their callback's old name.
+  its rows and training seconds are part of every checkpoint, so a resumed run keeps its curve. A mid-epoch
+  checkpoint also holds the running sums of the epoch's logged training metrics (per rank), and a run resumed
+  from it adds them back after its first step: the interrupted epoch's row (``train_loss``, ``train_acc``, ...)
+  equals the uninterrupted run's. It also reads the state that runs written before this module existed stored
+  under their callback's old name.
 * :class:`Throughput` logs images per second (global batch over the wall time between two step starts,
   exponential moving average with weight 0.1) to the progress bar.
 * :class:`StepSeeding` re-seeds torch before every training step from ``(seed, global_step, rank)``
@@ -41,14 +44,33 @@ class History(L.Callback):
         self.rows: list[dict[str, Any]] = []
         self.train_seconds = 0.0
         self._t0: float | None = None
+        self._trainer: L.Trainer | None = None
+        self._pending_sums: dict[str, Any] | None = None  # a mid-epoch checkpoint's running sums, to add back
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def _seconds(self) -> float:
+        return self.train_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        secs = self.train_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
-        return {"rows": list(self.rows), "train_seconds": secs}
+        state: dict[str, Any] = {"rows": list(self.rows), "train_seconds": self._seconds()}
+        sums = _epoch_sums(self._trainer)  # every rank saves a checkpoint together, so gathering here is safe
+        if sums is not None:
+            state["epoch_sums"] = sums
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = list(state.get("rows", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self._pending_sums = state.get("epoch_sums")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._pending_sums is not None:  # first step after a resume (before any checkpoint of this step)
+            pending, self._pending_sums = self._pending_sums, None
+            if int(pending.get("epoch", -1)) == int(trainer.current_epoch):
+                _add_epoch_sums(trainer, pending)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks") or {}
@@ -80,10 +102,61 @@ class History(L.Callback):
             name = k[len("train/"):] if k.startswith("train/") else ""
             if name and name not in ("loss", "loss_step", "loss_epoch", "acc") and not name.endswith("_step"):
                 row[name.removesuffix("_epoch")] = v
-        row["time_s"] = round(self.state_dict()["train_seconds"], 3)
+            if k.startswith("monitor/"):  # the training monitor (knn_acc, rankme, ...; training/monitor.py)
+                row[k[len("monitor/"):]] = v
+        row["time_s"] = round(self._seconds(), 3)
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero:
             write_metrics_csv(os.path.join(self.out, "metrics.csv"), self.rows)
+
+
+def _training_results(trainer: L.Trainer | None) -> Any:
+    """Lightning's collection of the current epoch's logged training metrics (``self.log(..., on_epoch=True)``)."""
+    try:
+        return trainer.fit_loop.epoch_loop._results if trainer is not None else None
+    except AttributeError:  # a Lightning without this internal: rows of interrupted epochs cover the resumed part
+        return None
+
+
+def _epoch_sums(trainer: L.Trainer | None) -> dict[str, Any] | None:
+    """The running sums of this epoch's logged training metrics on every rank: ``{"epoch", "keys", "value",
+    "count"}``, ``value``/``count`` of shape ``[world_size, len(keys)]``; None outside a training epoch."""
+    results = _training_results(trainer)
+    if results is None or not trainer.training:
+        return None
+    keys = sorted(k for k, m in results.items() if getattr(m, "is_tensor", False) and m.meta.on_epoch
+                  and (m.meta.is_mean_reduction or m.meta.is_sum_reduction))
+    if not keys:
+        return None
+    value = torch.stack([results[k].value.detach().double().reshape(()) for k in keys])
+    count = torch.stack([getattr(results[k], "cumulated_batch_size", torch.tensor(0)).detach().double().reshape(())
+                         for k in keys])
+    if trainer.world_size > 1:
+        value, count = (trainer.strategy.all_gather(t).reshape(trainer.world_size, len(keys)) for t in (value, count))
+    else:
+        value, count = value.unsqueeze(0), count.unsqueeze(0)
+    return {"epoch": int(trainer.current_epoch), "keys": keys, "value": value.cpu(), "count": count.cpu()}
+
+
+def _add_epoch_sums(trainer: L.Trainer, sums: dict[str, Any]) -> None:
+    """Add a checkpoint's running sums (this rank's row) to the metrics of the first step after the resume.
+
+    Exact: the uninterrupted run's sum after that step is ``saved + step_value`` and the resumed one's is
+    ``0 + step_value`` before this addition (float32 values are stored exactly in float64).
+    """
+    results = _training_results(trainer)
+    value, count = sums.get("value"), sums.get("count")
+    if results is None or value is None or value.shape[0] != trainer.world_size:
+        return
+    rank = int(trainer.global_rank)
+    for i, key in enumerate(sums.get("keys", [])):
+        m = results.get(key)
+        if m is None or not getattr(m, "is_tensor", False) or not (m.meta.is_mean_reduction or m.meta.is_sum_reduction):
+            continue
+        m.value = m.value + value[rank, i].to(m.value.dtype).to(m.value.device)
+        if hasattr(m, "cumulated_batch_size"):
+            c = m.cumulated_batch_size
+            m.cumulated_batch_size = c + count[rank, i].to(c.dtype).to(c.device)
 
 
 def _batch_size(batch: Any) -> int:

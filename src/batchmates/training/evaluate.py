@@ -258,9 +258,22 @@ def evaluate(run_dir: str, protocols: Sequence[str] = PROTOCOLS, *, corruptions:
     batches of the run's (global) training batch size, in dataset order, and its results are merged under
     ``"eval_batch"`` so they never overwrite the run's own (independent) evaluation.
     """
-    from batchmates.training.rundir import METRICS_FILE, load_run
+    from batchmates.training.preflight import check_device
+    from batchmates.training.rundir import RunError, run_lock
 
     protocols = list(protocols) or list(PROTOCOLS)
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir!r} is not a directory; pass the --out directory of a `batchmates train` run")
+    check_device(device)
+    with run_lock(run_dir, purpose="eval"):  # one writer of metrics.json at a time
+        return _evaluate_locked(run_dir, protocols, corruptions=corruptions, severities=severities, kinds=kinds,
+                                device=device, eval_mode=eval_mode)
+
+
+def _evaluate_locked(run_dir: str, protocols: list[str], *, corruptions: bool, severities: Sequence[int] | None,
+                     kinds: Sequence[str] | None, device: str, eval_mode: str | None) -> dict[str, Any]:
+    from batchmates.training.rundir import METRICS_FILE, load_run
+
     model, cfg, splits = load_run(run_dir, map_location=device)
     model.to(device)
     key, batch_size = "eval", max(cfg.batch_size or 256, 256)

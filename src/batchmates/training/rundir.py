@@ -8,21 +8,31 @@ Paper: none (library infrastructure).
 
 Library choices: every file is written atomically (:mod:`batchmates.io`); :func:`load_run` rebuilds the method
 from the checkpoint alone (:meth:`~batchmates.methods.base.Method.from_checkpoint`) and loads the dataset only
-because its callers evaluate on it.
+because its callers evaluate on it. A process that writes a run directory (train, resume, eval) holds
+:func:`run_lock`: an exclusive ``fcntl.flock`` on ``DIR/.lock``, which the operating system releases when the
+process ends however it ends (no stale lock after a ``kill -9``); a second writer is refused with the first one's
+PID and command. Only rank 0 of a DDP run takes it. Where ``fcntl`` does not exist (Windows) nothing is locked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import os
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from batchmates.config import CKPT_FILE, CONFIG_FILE, METRICS_FILE, RunConfig, RunError
 from batchmates.io import atomic_write_text, read_json
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "CKPT_FILE", "RunError", "load_run", "read_config", "read_metrics",
-           "is_finished", "has_checkpoint", "write_metrics_csv"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "CKPT_FILE", "LOCK_FILE", "RunError", "load_run", "read_config",
+           "read_metrics", "is_finished", "has_checkpoint", "write_metrics_csv", "run_lock"]
+
+LOCK_FILE = ".lock"
 
 
 def read_config(run_dir: str) -> RunConfig:
@@ -52,12 +62,14 @@ def load_run(run_dir: str, map_location: str = "cpu") -> tuple[Any, RunConfig, A
     """Rebuild the trained method of ``run_dir`` and load its dataset: ``(method in eval mode, cfg, splits)``."""
     from batchmates.data import load_dataset
     from batchmates.methods import Method
+    from batchmates.training.preflight import check_checkpoint_file
 
     if not has_checkpoint(run_dir):
         raise RunError(f"{run_dir!r} has no {CKPT_FILE}; pass a directory written by `batchmates train`")
+    check_checkpoint_file(os.path.join(run_dir, CKPT_FILE))
     model = Method.from_checkpoint(run_dir, map_location=map_location)
     cfg = model.cfg
-    splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=False)
+    splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=False, image_size=cfg.image_size)
     return model, cfg, splits
 
 
@@ -72,3 +84,55 @@ def write_metrics_csv(path: str, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str, *, purpose: str = "train") -> Iterator[None]:
+    """Hold the exclusive write lock of ``run_dir`` (created if missing) for the ``with`` body.
+
+    Raises :class:`RunError` naming the holder's PID and command when another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks
+        yield
+        return
+    if not _is_rank_zero():
+        yield
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            raise RunError(
+                f"{run_dir!r} is being written by another process (PID {holder.get('pid', '?')}: "
+                f"`{holder.get('command', '?')}`, {holder.get('purpose', 'writing')} since "
+                f"{holder.get('since', '?')}); wait for it to finish or stop it, or choose another --out"
+            ) from None
+        info = {"pid": os.getpid(), "command": " ".join(sys.argv) or sys.executable, "purpose": purpose,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,143 @@
+"""Checks made before a run starts: every bad input is one clear error (naming the input and the fix), raised
+before any data is loaded or anything is written.
+
+Paper: none (library infrastructure).
+
+Library choices:
+
+* :func:`check_config_file`: ``--config`` must be a readable YAML file of known settings with values of the
+  right type (``weight_decay: abc`` and ``epochs: true`` are refused, not coerced).
+* :func:`check_out_dir`: ``--out`` must be a directory or not exist yet, not under a file, and writable (tried by
+  creating and removing a probe file in the nearest existing directory, which also catches read-only mounts and
+  works for root, for whom permission bits do not apply).
+* :func:`check_device` / :func:`check_run_settings`: an accelerator that is not there (``--accelerator gpu``,
+  ``eval --device cuda`` without CUDA), ``16-mixed`` precision without a GPU (Lightning would silently run
+  ``bf16-mixed``), and more devices than the accelerator has are refused.
+* :func:`check_checkpoint_file`: ``last.ckpt`` must be a complete, uncorrupted checkpoint: non-empty, a readable
+  zip archive (a truncated file has no central directory) whose members pass their CRC-32 checks (a flipped bit
+  otherwise loads silently with ``torch.load``).
+* Only :func:`check_run_settings`, :func:`check_device` and :func:`check_checkpoint_file` import torch; the
+  others run before the heavy stack is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+
+from batchmates.config import ConfigError, RunConfig, RunError
+
+__all__ = ["check_config_file", "check_out_dir", "check_device", "check_run_settings", "check_checkpoint_file",
+           "gpu_count"]
+
+
+def check_config_file(path: str) -> RunConfig:
+    """Load and validate ``--config PATH``; :class:`ConfigError` names the file and what is wrong."""
+    if os.path.isdir(path):
+        raise ConfigError(f"--config {path!r} is a directory; pass its config.yaml, e.g. --config "
+                          f"{os.path.join(path, 'config.yaml')}")
+    if not os.path.exists(path):
+        raise ConfigError(f"--config {path!r} does not exist; pass the config.yaml of an earlier run")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path!r} cannot be read ({e}); pass a readable YAML file") from None
+    if not text.strip():
+        raise ConfigError(f"--config {path!r} is empty; pass the config.yaml of an earlier run")
+    cfg = RunConfig.from_yaml(text if "\n" in text else text + "\n")
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"--config {path!r}: {e}") from None
+
+
+def check_out_dir(path: str, *, flag: str = "--out") -> None:
+    """``path`` can be (or already is) a writable run directory; :class:`ConfigError` otherwise."""
+    if not path:
+        raise ConfigError(f"{flag} is empty; pass a directory for the run's files")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a file, not a directory; choose a directory path")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path!r} lies under the file {parent!r}; choose a directory path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".batchmates-write-test-", dir=parent)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path!r}: cannot write in {parent!r} ({e.strerror or e}); choose a writable "
+                          "directory") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def gpu_count() -> int:
+    """CUDA devices visible to torch (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_device(device: str, *, flag: str = "--device") -> None:
+    """``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``) exists here; :class:`ConfigError` otherwise."""
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu":
+        return
+    if kind == "cuda":
+        n = gpu_count()
+        if n == 0:
+            raise ConfigError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+        if index and (not index.isdigit() or int(index) >= n):
+            raise ConfigError(f"{flag} {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return
+    if kind == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError(f"{flag} mps: Apple's MPS is not available on this machine; use {flag} cpu")
+        return
+    raise ConfigError(f"{flag} {device!r}: unknown device; use cpu, cuda, cuda:N or mps")
+
+
+def check_run_settings(cfg: RunConfig) -> None:
+    """The output directory, accelerator, device count and precision of a resolved ``cfg`` can run here."""
+    check_out_dir(cfg.out)
+    acc = cfg.accelerator
+    if acc in ("gpu", "cuda"):
+        n = gpu_count()
+        if n == 0:
+            raise ConfigError(f"--accelerator {acc}: no CUDA GPU is available on this machine; use --accelerator cpu "
+                              "(or auto)")
+        if cfg.devices > n:
+            raise ConfigError(f"--devices {cfg.devices}: this machine has {n} CUDA GPU(s); pass --devices {n} or "
+                              "fewer")
+    elif acc == "mps":
+        check_device("mps", flag="--accelerator")
+    on_gpu = acc in ("gpu", "cuda") or (acc == "auto" and gpu_count() > 0)
+    if cfg.precision == "16-mixed" and not on_gpu:
+        raise ConfigError("--precision 16-mixed needs a CUDA GPU (on the CPU Lightning would run bf16-mixed instead); "
+                          "use --precision bf16-mixed or 32-true")
+
+
+def check_checkpoint_file(path: str) -> None:
+    """``path`` is a complete checkpoint (non-empty zip archive whose members pass their CRC checks)."""
+    fix = ("it cannot be resumed or evaluated. Restore it from a backup, or start the run again with --overwrite "
+           "(metrics.csv and metrics.json keep the earlier epochs' numbers)")
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise RunError(f"{path!r} cannot be read ({e.strerror or e}); {fix}") from None
+    if size == 0:
+        raise RunError(f"{path!r} is empty (0 bytes); {fix}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise RunError(f"{path!r} is truncated or not a checkpoint ({e}); {fix}") from None
+    if bad is not None:
+        raise RunError(f"{path!r} is corrupt (member {bad!r} fails its CRC check: the file was damaged on disk); "
+                       f"{fix}")
