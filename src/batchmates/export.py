@@ -79,7 +79,7 @@ def backbone_spec(backbone: nn.Module, name: str | None = None, **kwargs: Any) -
 
 def _load_hint(spec: Mapping[str, Any], file: str) -> str:
     src, name, c = spec.get("source"), spec.get("name"), spec.get("in_channels")
-    if src == "timm" and not spec.get("attn_layer"):
+    if src == "timm" and not spec.get("attn_layer") and not spec.get("to_ibaformer"):
         return (f"timm.create_model({name!r}, num_classes=0, in_chans={c}, **model_kwargs)"
                 f".load_state_dict(safetensors.torch.load_file({file!r}), strict=True)")
     if src == "torchvision" and not spec.get("attn_layer"):
@@ -163,6 +163,10 @@ def load_exported_backbone(path: str | os.PathLike) -> nn.Module:
         from batchmates.models.foreign import rebuild_backbone
 
         backbone = rebuild_backbone(spec)
+        if spec.get("to_ibaformer"):  # a timm ViT converted by the ibaformer method (batchmates.nn.to_ibaformer)
+            from batchmates.nn.ibaformer_convert import to_ibaformer
+
+            to_ibaformer(backbone.model, **spec["to_ibaformer"])
         backbone.model.load_state_dict(state, strict=True)
         return backbone
     if spec.get("source") != "batchmates" or not spec.get("name"):

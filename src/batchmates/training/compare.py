@@ -187,15 +187,16 @@ def check_builds(plans: Sequence[RunPlan]) -> None:
     from batchmates.methods import get_method
     from batchmates.training.data import RunDataModule
 
-    loaded: dict[tuple[str, str | None], Any] = {}
+    loaded: dict[tuple[str, str | None, int | None], Any] = {}
     built: set[str] = set()
     for p in plans:
         if p.variant.name in built:
             continue
         built.add(p.variant.name)
-        key = (p.cfg.data, p.cfg.data_dir)
+        key = (p.cfg.data, p.cfg.data_dir, p.cfg.image_size)
         if key not in loaded:
-            loaded[key] = load_dataset(p.cfg.data, data_dir=p.cfg.data_dir, download=p.cfg.download)
+            loaded[key] = load_dataset(p.cfg.data, data_dir=p.cfg.data_dir, download=p.cfg.download,
+                                       image_size=p.cfg.image_size)
         try:
             get_method(p.cfg.method)(p.cfg, RunDataModule(p.cfg, loaded[key]).info)
         except ConfigError as e:

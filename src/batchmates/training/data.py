@@ -4,7 +4,7 @@ Paper: none (library infrastructure).
 
 Library choices:
 
-* The training loader draws the global batch ``cfg.batch_size`` split evenly over ``cfg.devices`` ranks,
+* The training loader draws the global batch ``cfg.batch_size`` split evenly over the ``devices x num_nodes`` ranks,
   shuffled by ``(seed, epoch)``, and drops the last incomplete batch so batch-relational losses always see full
   batches. Its position is part of the checkpoint (exact mid-epoch resume).
 * The "validation" loader is the whole test split on every rank, in order (these benchmarks have no separate
@@ -80,7 +80,7 @@ class RunDataModule(L.LightningDataModule):
         cfg = self.cfg
         splits = self._given
         if splits is None:
-            splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
+            splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=cfg.download, image_size=cfg.image_size)
         train = splits.train
         if cfg.label_noise > 0:
             if not (hasattr(train, "images") and hasattr(train, "labels")):
@@ -110,6 +110,11 @@ class RunDataModule(L.LightningDataModule):
     def info(self) -> DataInfo:
         return DataInfo.from_splits(self.splits)
 
+    @property
+    def world_size(self) -> int:
+        """Processes sharing the global batch: ``devices`` per node times ``num_nodes``."""
+        return int(self.cfg.devices) * int(self.cfg.num_nodes)
+
     def _extra(self, split: Any) -> dict[str, Any]:
         return {} if hasattr(split, "images") else {"num_workers": self.cfg.num_workers}
 
@@ -117,7 +122,7 @@ class RunDataModule(L.LightningDataModule):
         from batchmates.data import make_loader
 
         cfg, train = self.cfg, self.train_split
-        return make_loader(train, cfg.batch_size // cfg.devices, shuffle=True, drop_last=True, seed=cfg.seed,
+        return make_loader(train, cfg.batch_size // self.world_size, shuffle=True, drop_last=True, seed=cfg.seed,
                            **self._extra(train))
 
     def val_dataloader(self) -> Any:
@@ -125,6 +130,6 @@ class RunDataModule(L.LightningDataModule):
 
         cfg, test = self.cfg, self.splits.test
         extra = {"num_replicas": 1, "rank": 0} if hasattr(test, "images") else self._extra(test)
-        loader = make_loader(test, max(cfg.batch_size // cfg.devices, 256), shuffle=False, drop_last=False,
+        loader = make_loader(test, max(cfg.batch_size // self.world_size, 256), shuffle=False, drop_last=False,
                              seed=cfg.seed, **extra)
         return _PlainIterable(loader)
