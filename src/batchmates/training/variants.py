@@ -46,7 +46,7 @@ import yaml
 from batchmates.config import SETTINGS, TYPES, ConfigError, RunConfig
 from batchmates.options import parse_bool
 
-__all__ = ["Variant", "parse_variant", "load_variants_file", "variant_dir", "SHORTHANDS"]
+__all__ = ["Variant", "parse_variant", "load_variants_file", "read_yaml_mapping", "variant_dir", "SHORTHANDS"]
 
 #: ``@<prefix><value>`` shorthands of run settings.
 SHORTHANDS: dict[str, str] = {"b": "batch_size", "noise": "label_noise", "ep": "epochs", "steps": "max_steps",
@@ -155,21 +155,33 @@ def _compact(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
 
 
-def load_variants_file(path: str) -> tuple[list[Variant], dict[str, Any], int | list[int] | None]:
-    """``(variants, common settings, seeds or None)`` of a YAML variants file (see the module docstring)."""
+def read_yaml_mapping(path: str, flag: str = "--variants-file") -> dict[str, Any]:
+    """The YAML mapping in ``path`` (a :class:`ConfigError` naming ``flag`` when missing or not YAML)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"--variants-file {path!r} does not exist") from None
+        raise ConfigError(f"{flag} {path!r} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--variants-file {path!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{flag} {path!r} is not valid YAML: {e}") from None
+    return data
+
+
+def load_variants_file(path: str, *, data: dict[str, Any] | None = None, extra_keys: tuple[str, ...] = (),
+                       flag: str = "--variants-file") -> tuple[list[Variant], dict[str, Any], int | list[int] | None]:
+    """``(variants, common settings, seeds or None)`` of a YAML variants file (see the module docstring).
+
+    ``data``: the file's mapping, already read; ``extra_keys``: more top-level keys the caller reads itself (a
+    study file's ``claims``)."""
+    if data is None:
+        data = read_yaml_mapping(path, flag)
     if not isinstance(data, dict) or "variants" not in data:
-        raise ConfigError(f"--variants-file {path!r} must be a mapping with 'variants' (and optional 'settings', "
+        raise ConfigError(f"{flag} {path!r} must be a mapping with 'variants' (and optional 'settings', "
                           "'seeds')")
-    unknown = sorted(set(data) - {"variants", "settings", "seeds"})
+    allowed = ("variants", "settings", "seeds", *extra_keys)
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"--variants-file {path!r}: unknown key(s) {unknown}; use variants, settings, seeds")
+        raise ConfigError(f"{flag} {path!r}: unknown key(s) {unknown}; use {', '.join(allowed)}")
     settings = dict(_setting(k, v, f"{path}: settings") for k, v in (data.get("settings") or {}).items())
     raw = data["variants"]
     items = list(raw.items()) if isinstance(raw, dict) else [(None, v) for v in (raw or [])]
@@ -184,7 +196,7 @@ def load_variants_file(path: str) -> tuple[list[Variant], dict[str, Any], int | 
         else:
             raise ConfigError(f"{where}: a variant is a spec string or a mapping with 'method'")
     if not variants:
-        raise ConfigError(f"--variants-file {path!r} lists no variants")
+        raise ConfigError(f"{flag} {path!r} lists no variants")
     return variants, settings, data.get("seeds")
 
 
