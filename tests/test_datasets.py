@@ -154,7 +154,14 @@ def test_fashion_missing_message_lists_places_and_fixes(isolated):
         load_dataset("fashion-mnist", data_dir=empty)
     msg = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    for place in (empty, empty / "fashion-mnist", ds.FASHION_MNIST_SYSTEM_DIR, isolated / "cache"):
+    for place in (empty, empty / "fashion-mnist"):
+        assert str(place) in msg
+    # an explicit data_dir is the only place looked: no silent fall-back to another copy (issue 12)
+    assert str(ds.FASHION_MNIST_SYSTEM_DIR) not in msg and str(isolated / "cache") not in msg
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist")
+    msg = str(info.value)
+    for place in (ds.FASHION_MNIST_SYSTEM_DIR, isolated / "cache"):
         assert str(place) in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "--download" in msg and "--data-dir" in msg
 

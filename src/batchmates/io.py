@@ -1,4 +1,4 @@
-"""Atomic file output: every file batchmates writes goes through here (bottom floor: imports only torch).
+"""Atomic file output: every file batchmates writes goes through here (bottom floor; torch only when needed).
 
 Paper: none (library infrastructure).
 
@@ -8,6 +8,10 @@ Library choices:
   ``os.replace``-d over the destination (atomic on POSIX and Windows within one filesystem). A crash or an
   exception at any point leaves either the previous file or the new one, never a truncated mix, and never a
   stray temporary file (it is removed on error).
+* Files get the permissions ``open()`` would give a new file (``0o666`` less the process umask), not the
+  ``0o600`` of the temporary file they are written to, so other users can read a run directory as they could
+  read any other file of its owner.
+* Importing this module does not import torch (the CLI uses it before the heavy stack loads).
 * ``batchmates.training.io`` re-exports these names for older imports.
 """
 
@@ -22,8 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 __all__ = [
     "atomic_open",
     "atomic_write_bytes",
@@ -34,6 +36,20 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
+
+
+def _file_mode() -> int:
+    """``0o666`` less the current umask (read without changing it where /proc allows, else set and restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: str) -> None:
@@ -67,6 +83,8 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(f.fileno(), _file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -89,7 +107,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):  # a tensor
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
@@ -108,6 +126,8 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
 
 def atomic_save_torch(obj: Any, path: PathLike, *, save: Callable[[Any, IO[bytes]], None] | None = None) -> None:
     """``torch.save(obj, path)`` atomically (serialised in memory first, then one atomic write)."""
+    import torch
+
     buf = io.BytesIO()
     (save or torch.save)(obj, buf)
     atomic_write_bytes(path, buf.getvalue())

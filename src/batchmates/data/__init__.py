@@ -10,29 +10,28 @@ for images, labels in loader:          # uint8 [B, C, H, W], int64 [B]
 ```
 """
 
-from batchmates.data.augment import (
-    STRENGTHS,
-    BatchAugment,
-    MultiCrop,
-    TwoViews,
-    eval_transform,
-    make_augment,
-    multicrop_scales,
-    multicrop_sizes,
-)
-from batchmates.data.corruptions import CORRUPTIONS, corrupt
-from batchmates.data.datasets import (
-    DATASETS,
-    DatasetNotFoundError,
-    DatasetSplits,
-    DecodedImages,
-    InMemoryImages,
-    STL10Unlabeled,
-    describe_datasets,
-    load_dataset,
-    read_idx,
-)
-from batchmates.data.loaders import EpochPermutationSampler, InMemoryBatchLoader, make_loader
+import importlib
+from typing import Any
+
+# Lazy re-exports (PEP 562): `import batchmates.data` imports neither torch nor kornia until a name is used, so
+# `batchmates data list` and the CLI's checks stay fast. Name -> the submodule that defines it.
+_EXPORTS = {
+    **dict.fromkeys(("STRENGTHS", "BatchAugment", "MultiCrop", "TwoViews", "eval_transform", "make_augment",
+                     "multicrop_scales", "multicrop_sizes"), "augment"),
+    **dict.fromkeys(("CORRUPTIONS", "corrupt"), "corruptions"),
+    **dict.fromkeys(("DATASETS", "DatasetNotFoundError", "DatasetSplits", "DecodedImages", "InMemoryImages",
+                     "STL10Unlabeled", "describe_datasets", "load_dataset", "read_idx"), "datasets"),
+    **dict.fromkeys(("EpochPermutationSampler", "InMemoryBatchLoader", "make_loader"), "loaders"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"batchmates.data.{_EXPORTS[name]}"), name)
+    if name in ("augment", "corruptions", "datasets", "loaders"):
+        return importlib.import_module(f"batchmates.data.{name}")
+    raise AttributeError(f"module 'batchmates.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DATASETS",

@@ -16,8 +16,11 @@ Library choices:
 * :func:`check_checkpoint_file`: ``last.ckpt`` must be a complete, uncorrupted checkpoint: non-empty, a readable
   zip archive (a truncated file has no central directory) whose members pass their CRC-32 checks (a flipped bit
   otherwise loads silently with ``torch.load``).
-* Only :func:`check_run_settings`, :func:`check_device` and :func:`check_checkpoint_file` import torch; the
-  others run before the heavy stack is imported.
+* :func:`check_cli_train`, :func:`check_cli_compare`, :func:`check_resume_dir` and :func:`check_run_dir` are what
+  the CLI runs before it imports the heavy stack (torch, Lightning) or loads data: settings and their types, the
+  method, option, dataset, backbone and attention-layer names (from the registry snapshot of
+  :mod:`batchmates.training.catalog`), paths and checkpoints. Only :func:`check_run_settings`,
+  :func:`check_device` and :func:`gpu_count` import torch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import zipfile
 from batchmates.config import ConfigError, RunConfig, RunError
 
 __all__ = ["check_config_file", "check_out_dir", "check_device", "check_run_settings", "check_checkpoint_file",
-           "gpu_count"]
+           "gpu_count", "check_cli_train", "check_cli_compare", "check_resume_dir", "check_run_dir"]
 
 
 def check_config_file(path: str) -> RunConfig:
@@ -141,3 +144,67 @@ def check_checkpoint_file(path: str) -> None:
     if bad is not None:
         raise RunError(f"{path!r} is corrupt (member {bad!r} fails its CRC check: the file was damaged on disk); "
                        f"{fix}")
+
+
+# ---------------------------------------------------------------------------------------------- the CLI's checks
+def check_cli_train(cfg: RunConfig) -> None:
+    """Everything about a ``batchmates train`` config that can be checked without torch or the data."""
+    from batchmates.training.catalog import check_names
+
+    cfg.validate()
+    check_names(cfg.method, cfg.options, cfg.data, cfg.backbone, cfg.attn_layer)
+    check_out_dir(cfg.out)
+
+
+def check_cli_compare(variants: object, data: str, method_options: dict[str, dict[str, str]], out: str) -> None:
+    """The variants' methods and options, the dataset and ``--out`` of ``batchmates compare``, without torch."""
+    from batchmates.training.catalog import check_data, check_options
+    from batchmates.training.variants import Variant, parse_variant
+
+    check_data(data)
+    specs: list[object] = []
+    if isinstance(variants, str) and variants.strip() != "all":
+        specs = [v.strip() for v in variants.split(",") if v.strip()]
+    elif isinstance(variants, list | tuple):
+        specs = list(variants)
+    parsed = [v if isinstance(v, Variant) else parse_variant(str(v)) for v in specs]
+    for v in parsed:
+        try:
+            check_options(v.method, {**method_options.get(v.method, {}), **v.options})
+        except ConfigError as e:
+            raise ConfigError(f"variant {v.name!r}: {e}") from None
+    compared = {v.method for v in parsed}
+    for method, opts in method_options.items():
+        if parsed and method not in compared:
+            raise ConfigError(f"--opt {method}.*: method {method!r} is not compared ({sorted(compared)})")
+        check_options(method, opts)
+    check_out_dir(out)
+
+
+def check_resume_dir(run_dir: str) -> None:
+    """``--resume DIR`` holds a run: its config and a complete checkpoint (or it finished)."""
+    from batchmates.config import CKPT_FILE, CONFIG_FILE
+
+    check_run_dir(run_dir, flag="--resume", need_checkpoint=False)
+    cfg_path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(cfg_path):
+        raise RunError(f"--resume {run_dir!r}: no {CONFIG_FILE} there; is it a batchmates run directory?")
+    check_config_file(cfg_path)
+    if not os.path.exists(os.path.join(run_dir, CKPT_FILE)):
+        raise RunError(f"--resume {run_dir!r}: no {CKPT_FILE} yet (the run stopped before its first checkpoint); "
+                       "start it again without --resume")
+
+
+def check_run_dir(run_dir: str, *, flag: str = "DIR", need_checkpoint: bool = True) -> None:
+    """``run_dir`` is a directory written by ``batchmates train`` (with a complete ``last.ckpt``)."""
+    from batchmates.config import CKPT_FILE
+
+    if not os.path.exists(run_dir):
+        raise RunError(f"{flag} {run_dir!r} does not exist; pass the --out directory of a `batchmates train` run")
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{flag} {run_dir!r} is a file; pass the --out directory of a `batchmates train` run")
+    ckpt = os.path.join(run_dir, CKPT_FILE)
+    if need_checkpoint:
+        if not os.path.exists(ckpt):
+            raise RunError(f"{flag} {run_dir!r} has no {CKPT_FILE}; pass a directory written by `batchmates train`")
+        check_checkpoint_file(ckpt)

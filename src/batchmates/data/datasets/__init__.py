@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from batchmates.data.datasets.checks import DatasetCorruptError, validate_splits
 from batchmates.data.datasets.common import (
     DatasetNotFoundError,
     DatasetSource,
@@ -62,6 +63,7 @@ __all__ = [
     "DecodedImages",
     "STL10Unlabeled",
     "DatasetNotFoundError",
+    "DatasetCorruptError",
     "DatasetSource",
     "DATASETS",
     "DATASET_SOURCES",
@@ -156,7 +158,7 @@ def load_dataset(
     kw: dict[str, Any] = {"data_dir": data_dir, "download": download, "image_size": image_size}
     if source.argument:
         kw["argument"] = argument
-    return source.load(**kw)
+    return validate_splits(source.load(**kw))  # labels in range, shapes, non-empty splits (checks.py)
 
 
 def describe_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:

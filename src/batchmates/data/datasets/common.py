@@ -5,9 +5,10 @@ Library choices (no paper involved):
 * Small sets are :class:`InMemoryImages` (``uint8 [N, C, H, W]`` + ``int64 [N]``), sliced into batches and augmented
   on the training device a whole batch at a time; large or variable-size sets are torch ``Dataset`` s whose items
   are decoded to a fixed ``uint8 [C, S, S]`` in DataLoader workers (:class:`DecodedImages`).
-* Files are looked for in ``data_dir``, then ``$BATCHMATES_DATA``, then (per dataset) a system location, then the
-  download cache :func:`default_cache_dir`; a missing dataset raises :class:`DatasetNotFoundError` listing every
-  place searched and how to get the files.
+* Files are looked for in ``data_dir`` alone when it is given (missing or incomplete files there are an error,
+  never a silent fall-back to another copy), else in ``$BATCHMATES_DATA``, then (per dataset) a system location,
+  then the download cache :func:`default_cache_dir`; a missing dataset raises :class:`DatasetNotFoundError`
+  listing every place searched and how to get the files.
 * A dataset is described to the package by a :class:`DatasetSource` (how to load it, how to describe it for
   ``batchmates data list``), registered by name in :mod:`batchmates.data.datasets`.
 """
@@ -180,9 +181,9 @@ def default_cache_dir() -> Path:
 
 
 def _roots(data_dir: str | os.PathLike | None) -> list[Path]:
+    if data_dir is not None:  # an explicit data_dir is the only place looked (never a silent fall-back elsewhere)
+        return [Path(data_dir).expanduser()]
     roots: list[Path] = []
-    if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
     env = os.environ.get("BATCHMATES_DATA")
     if env:
         roots.append(Path(env).expanduser())

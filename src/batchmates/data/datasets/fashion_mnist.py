@@ -2,9 +2,13 @@
 
 Paper: 70 000 grey 28x28 images of 10 clothing classes, 60 000 train / 10 000 test, shipped as four IDX files.
 Library choices: files are looked for in ``data_dir`` (and its ``fashion-mnist/`` and torchvision's
-``FashionMNIST/raw/`` subfolders), ``$BATCHMATES_DATA``, Debian's ``dataset-fashion-mnist`` location
-(:data:`FASHION_MNIST_SYSTEM_DIR`) and the download cache; plain or gzip-compressed files (detected from their
-bytes); ``download=True`` fetches them with torchvision; mean and std are the training split's.
+``FashionMNIST/raw/`` subfolders) only when it is given (a ``data_dir`` without all four files is an error that
+lists the missing ones, never a silent fall-back to another copy), else in ``$BATCHMATES_DATA``, Debian's
+``dataset-fashion-mnist`` location (:data:`FASHION_MNIST_SYSTEM_DIR`) and the download cache; plain or
+gzip-compressed files (detected from their bytes); a damaged file (truncated or bit-flipped ``.gz``, bad IDX header,
+wrong payload size, 28x28 images expected, as many labels as images) is a
+:class:`~batchmates.data.datasets.checks.DatasetCorruptError` naming it; ``download=True`` fetches missing files
+with torchvision; mean and std are the training split's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchmates.data.datasets.checks import READ_ERRORS, DatasetCorruptError, corrupt_file
 from batchmates.data.datasets.common import (
     DatasetSource,
     DatasetSplits,
@@ -56,14 +61,12 @@ def _open_maybe_gzip(path: Path):
 def _idx_header(f, path: Path) -> tuple[Any, tuple[int, ...]]:
     head = f.read(4)
     if len(head) != 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
-        raise ValueError(
-            f"{path} is not an IDX file (magic bytes {head.hex() or 'missing'}; expected 00 00 <type> <ndim>, "
-            "e.g. 00000803 for images, 00000801 for labels). Re-download it."
-        )
+        raise corrupt_file(path, f"not an IDX file (magic bytes {head.hex() or 'missing'}; expected 00 00 <type> "
+                           "<ndim>, e.g. 00000803 for images, 00000801 for labels)")
     ndim = head[3]
     raw = f.read(4 * ndim)
     if len(raw) != 4 * ndim:
-        raise ValueError(f"{path}: IDX header truncated (expected {ndim} dimension sizes). Re-download it.")
+        raise corrupt_file(path, f"IDX header truncated (expected {ndim} dimension sizes)")
     return _IDX_DTYPES[head[2]], struct.unpack(f">{ndim}I", raw)
 
 
@@ -74,27 +77,37 @@ def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.n
     ``prod(shape)`` elements.
     """
     path = Path(path)
-    with _open_maybe_gzip(path) as f:
-        dtype, shape = _idx_header(f, path)
-        if expect_ndim is not None and len(shape) != expect_ndim:
-            raise ValueError(f"{path}: IDX file has {len(shape)} dimensions {shape}; expected {expect_ndim}")
-        data = f.read()
+    try:
+        with _open_maybe_gzip(path) as f:
+            dtype, shape = _idx_header(f, path)
+            if expect_ndim is not None and len(shape) != expect_ndim:
+                raise corrupt_file(path, f"IDX file has {len(shape)} dimensions {shape}; expected {expect_ndim}")
+            data = f.read()
+    except DatasetCorruptError:
+        raise
+    except READ_ERRORS as e:  # gzip: CRC or length mismatch, truncated stream, bad header
+        raise corrupt_file(path, f"cannot be read ({type(e).__name__}: {e})") from None
     dt = np.dtype(dtype)
     n = int(np.prod(shape)) * dt.itemsize
     if len(data) != n:
-        raise ValueError(
-            f"{path}: IDX payload has {len(data)} bytes but header shape {shape} needs {n}; the file is "
-            "truncated or corrupt. Re-download it."
-        )
+        raise corrupt_file(path, f"IDX payload has {len(data)} bytes but header shape {shape} needs {n}")
     return np.frombuffer(data, dtype=dt).reshape(shape)
 
 
 def _idx_count(path: Path) -> int:
-    with _open_maybe_gzip(path) as f:
-        return _idx_header(f, path)[1][0]
+    try:
+        with _open_maybe_gzip(path) as f:
+            return _idx_header(f, path)[1][0]
+    except DatasetCorruptError:
+        raise
+    except READ_ERRORS as e:
+        raise corrupt_file(path, f"cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _fashion_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+    if data_dir is not None:  # given: only there (a partial copy is an error, not a reason to look elsewhere)
+        root = Path(data_dir).expanduser()
+        return [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
     dirs: list[Path] = []
     roots = _roots(data_dir)
     for root in roots[:-1]:  # data_dir and $BATCHMATES_DATA
@@ -144,12 +157,17 @@ def load_fashion_mnist(*, data_dir: str | os.PathLike | None, download: bool, im
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
         files = _find_idx_set(root / "FashionMNIST" / "raw")
     if files is None:
+        _raise_if_partial(data_dir, looked)
         raise _not_found("fashion-mnist", looked, _FASHION_HOW)
     arrays = {k: read_idx(p, expect_ndim=3 if k.endswith("images") else 1) for k, p in files.items()}
     for split in ("train", "test"):
         ni, nl = arrays[f"{split}_images"].shape[0], arrays[f"{split}_labels"].shape[0]
         if ni != nl:
-            raise ValueError(f"fashion-mnist {split}: {ni} images but {nl} labels in {files[f'{split}_images'].parent}")
+            raise corrupt_file(files[f"{split}_labels"], f"fashion-mnist {split}: {ni} images but {nl} labels "
+                               f"({files[f'{split}_images'].name}); each image needs one label")
+        if arrays[f"{split}_images"].shape[1:] != (28, 28):
+            raise corrupt_file(files[f"{split}_images"], f"images of {arrays[f'{split}_images'].shape[1:]} pixels; "
+                               "Fashion-MNIST images are 28x28")
     train = InMemoryImages(
         torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
         torch.from_numpy(arrays["train_labels"].astype(np.int64)),
@@ -161,6 +179,18 @@ def load_fashion_mnist(*, data_dir: str | os.PathLike | None, download: bool, im
     return _finish_in_memory(
         "fashion-mnist", train, test, FASHION_MNIST_CLASSES, image_size, location=str(files["train_images"].parent)
     )
+
+
+def _raise_if_partial(data_dir: str | os.PathLike | None, looked: list[Path]) -> None:
+    """A ``data_dir`` holding some of the four files but not all: say which ones are missing."""
+    if data_dir is None:
+        return
+    for d in looked:
+        have = [stem for stem in _FASHION_FILES.values() if (d / stem).is_file() or (d / f"{stem}.gz").is_file()]
+        if have:
+            missing = [stem for stem in _FASHION_FILES.values() if stem not in have]
+            raise _not_found(f"fashion-mnist (incomplete in {d}: missing {', '.join(missing)})", looked,
+                             _FASHION_HOW[1:])
 
 
 def describe_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -12,8 +12,11 @@ Flowers-102 ImageNet's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from batchmates.data.datasets.checks import READ_ERRORS, corrupt_file
 from batchmates.data.datasets.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DatasetNotFoundError,
     DatasetSource,
     DatasetSplits,
     DecodedImages,
@@ -127,6 +132,19 @@ def _tv_root(name: str, data_dir: str | os.PathLike | None, download: bool) -> P
     )
 
 
+@contextlib.contextmanager
+def _reading(folder: Path, download: bool) -> Iterator[None]:
+    """torchvision's errors reading damaged files (pickle, EOF, size mismatch) as a ``DatasetCorruptError``."""
+    try:
+        yield
+    except DatasetNotFoundError:
+        raise
+    except (*READ_ERRORS, pickle.UnpicklingError, KeyError, RuntimeError) as e:
+        if download and isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise  # a network error while downloading: torchvision's message says what failed
+        raise corrupt_file(folder, f"cannot be read by torchvision ({type(e).__name__}: {e})") from None
+
+
 def _load_cifar(name: str, *, data_dir, download: bool, image_size: int | None) -> DatasetSplits:
     root = _tv_root(name, data_dir, download)
     import torchvision
@@ -134,7 +152,8 @@ def _load_cifar(name: str, *, data_dir, download: bool, image_size: int | None) 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     splits = []
     for train in (True, False):
-        ds = cls(str(root), train=train, download=download)
+        with _reading(root / _TV_LAYOUT[name], download):
+            ds = cls(str(root), train=train, download=download)
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         splits.append(InMemoryImages(images, torch.as_tensor(ds.targets, dtype=torch.int64)))
     mean, std = _CIFAR_STATS[name]
@@ -149,7 +168,8 @@ def _load_stl10(*, data_dir, download: bool, image_size: int | None) -> DatasetS
 
     splits = []
     for split in ("train", "test"):
-        ds = torchvision.datasets.STL10(str(root), split=split, download=download)
+        with _reading(root / "stl10_binary", download):
+            ds = torchvision.datasets.STL10(str(root), split=split, download=download)
         splits.append(InMemoryImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))))
     out = _finish_in_memory(
         "stl10",
