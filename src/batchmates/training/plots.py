@@ -2,7 +2,9 @@
 
 Paper: none (library infrastructure).
 
-Library choices: the Agg backend (no display needed), PNG bytes written atomically (:mod:`batchmates.io`).
+Library choices: the Agg backend (no display needed), PNG bytes written atomically (:mod:`batchmates.io`);
+whole-epoch ticks; the accuracy panel of a method without a classifier says so instead of staying empty; bars
+start at 0 (a cut axis exaggerates differences) and their legend sits outside the plot, never over a bar.
 """
 
 from __future__ import annotations
@@ -42,21 +44,30 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str, *, title: str = "") -
     def series(key: str) -> list[float]:
         return [float(r.get(key, math.nan)) for r in rows]
 
+    from matplotlib.ticker import MaxNLocator
+
     ax1.plot(ep, series("train_loss"), marker="o", label="train")
     if any(not math.isnan(v) for v in series("val_loss")):
         ax1.plot(ep, series("val_loss"), marker="o", label="test")
-    ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    ax1.grid(alpha=0.3)
-    if any(not math.isnan(v) for v in series("train_acc")):
-        ax2.plot(ep, series("train_acc"), marker="o", label="train (augmented)")
-    if any(not math.isnan(v) for v in series("val_acc")):
-        ax2.plot(ep, series("val_acc"), marker="o", label="test")
-    ax2.set_xlabel("epoch")
+    drawn = False
+    for key, label in (("train_acc", "train (augmented)"), ("val_acc", "test"), ("knn_acc", "test (kNN monitor)")):
+        if any(not math.isnan(v) for v in series(key)):
+            ax2.plot(ep, series(key), marker="o", label=label)
+            drawn = True
     ax2.set_ylabel("top-1 accuracy")
-    ax2.legend()
-    ax2.grid(alpha=0.3)
+    if drawn:
+        ax2.legend()
+    else:
+        ax2.text(0.5, 0.5, "no per-epoch accuracy:\nthe method has no classifier\n(accuracy after training: "
+                 "linear probe,\nsee metrics.json)", ha="center", va="center", transform=ax2.transAxes,
+                 color="0.4", fontsize="small")
+        ax2.set_xlim(ax1.get_xlim())
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     _save(fig, path)
@@ -85,9 +96,8 @@ def plot_accuracy_bars(summary: dict[str, dict[str, dict[str, float]]], path: st
     ax.set_xticklabels(methods, rotation=30, ha="right")
     ax.set_ylabel("top-1 accuracy")
     finite = [summary[m][p]["mean"] for m in methods for p in summary[m] if not math.isnan(summary[m][p]["mean"])]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05))
-    ax.legend(fontsize="small")
+    ax.set_ylim(0.0, min(1.0, max(finite) + 0.05) if finite else 1.0)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
