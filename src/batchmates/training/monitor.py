@@ -24,7 +24,7 @@ Library choices:
   equals the final evaluation's kNN k=20.
 * Collapse warning (a ``RuntimeWarning``) when RankMe falls below ``rank_drop`` (0.5) of the highest value seen in
   this run, or below 1.5 (the embeddings lie on about one direction), or when ``feat_std`` falls below
-  ``min_std`` (0.05).
+  ``min_std`` (0.05); not judged on fewer than ``min_samples`` (16) held-out images.
 * Unlabelled data: no kNN, only the rank and spread. Under DDP every process measures (same weights, same values).
 * Epochs between two checks log NaN, so that every row of ``metrics.csv`` has the monitor's columns.
 """
@@ -73,11 +73,11 @@ class EmbeddingMonitor(L.Callback):
     """Every ``every`` epochs: kNN accuracy, RankMe and spread of held-out embeddings; warns on collapse."""
 
     def __init__(self, every: int, *, max_train: int = 5000, max_test: int = 2000, k: int = 20,
-                 rank_drop: float = 0.5, min_std: float = 0.05, batch_size: int = 512) -> None:
+                 rank_drop: float = 0.5, min_std: float = 0.05, min_samples: int = 16, batch_size: int = 512) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"every must be an int >= 0 (0: off); got {every!r}")
         self.every, self.max_train, self.max_test, self.k = every, max_train, max_test, k
-        self.rank_drop, self.min_std, self.batch_size = rank_drop, min_std, batch_size
+        self.rank_drop, self.min_std, self.min_samples, self.batch_size = rank_drop, min_std, min_samples, batch_size
         self.best_rank = 0.0
         self.last: dict[str, float] = {}
 
@@ -119,10 +119,12 @@ class EmbeddingMonitor(L.Callback):
         info = pl_module.info
         if epoch % self.every:  # not measured this epoch: NaN, so that every row of metrics.csv has the columns
             for key in self.last or ("rankme", "feat_std", "knn_acc", "collapse"):
-                pl_module.log(f"monitor/{key}", math.nan, on_step=False, on_epoch=True, batch_size=1, sync_dist=False)
+                _log(pl_module, key, math.nan)
             return
         stats = self.measure(pl_module, dm.train_split, dm.splits.test, int(info.num_classes))
-        msg = self.collapse_message(stats, int(getattr(pl_module.backbone, "feature_dim", 0)))
+        n_held_out = min(len(dm.splits.test), self.max_test)
+        msg = (self.collapse_message(stats, int(getattr(pl_module.backbone, "feature_dim", 0)))
+               if n_held_out >= self.min_samples else None)
         stats["collapse"] = float(msg is not None)
         if msg and trainer.is_global_zero:
             warnings.warn(f"epoch {epoch}: the embeddings may be collapsing: {msg}. Check the learning rate, "
@@ -130,5 +132,9 @@ class EmbeddingMonitor(L.Callback):
                           RuntimeWarning, stacklevel=2)
         self.last = dict(stats)
         for key, value in stats.items():
-            pl_module.log(f"monitor/{key}", value, prog_bar=key in ("knn_acc", "rankme"), on_step=False,
-                          on_epoch=True, batch_size=1, sync_dist=False)
+            _log(pl_module, key, value)
+
+
+def _log(pl_module: L.LightningModule, key: str, value: float) -> None:
+    pl_module.log(f"monitor/{key}", value, prog_bar=key in ("knn_acc", "rankme"), on_step=False, on_epoch=True,
+                  batch_size=1, sync_dist=False)
