@@ -148,6 +148,11 @@ def test_export_loads_strictly_into_timm_and_gives_the_same_features(supcon_run,
 def test_embed_reproduces_eval_knn_accuracy(supcon_run, tmp_path) -> None:
     assert main(["embed", str(supcon_run), "--split", "train", "--out", str(tmp_path / "train.npz")]) == 0
     assert main(["embed", str(supcon_run), "--split", "test", "--out", str(tmp_path / "test.npy")]) == 0
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert main(["embed", str(supcon_run), "--split", "test", "--out", str(tmp_path / "test.parquet")]) == 0
+    table = pq.read_table(tmp_path / "test.parquet")
+    np.testing.assert_array_equal(np.stack(table["features"].to_numpy(zero_copy_only=False)),
+                                  np.load(tmp_path / "test.npy"))
     train = np.load(tmp_path / "train.npz")
     test_f, test_y = np.load(tmp_path / "test.npy"), np.load(tmp_path / "test.labels.npy")
     assert train["features"].shape == (1347, 512) and test_f.shape == (450, 512)
@@ -163,3 +168,32 @@ def test_export_and_embed_refuse_bad_arguments(supcon_run, tmp_path, capsys) -> 
     assert main(["embed", str(supcon_run), "--data", "fashion-mnist-typo", "--out", str(tmp_path / "e.npz")]) == 2
     assert main(["embed", str(supcon_run), "--out", str(tmp_path / "e.csv")]) == 2
     assert ".npy, .npz or .parquet" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_run_matches_the_model(supcon_run, digits) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    assert main(["export", str(supcon_run), "--format", "onnx"]) == 0
+    model = Method.from_checkpoint(supcon_run)
+    x = model.normalize(digits.test.images[:5])
+    got = ort.InferenceSession(str(supcon_run / "export" / "backbone.onnx")).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, model.embed(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    card = json.loads((supcon_run / "export" / "backbone.onnx.json").read_text())
+    assert card["input"]["shape"] == ["N", 1, 8, 8] and card["std"] == list(model.info.std)
+
+
+def test_export_of_an_ibaformer_timm_vit_rebuilds_with_its_conversion(tmp_path, digits) -> None:
+    from batchmates.export import load_exported_backbone
+
+    out = tmp_path / "iba"
+    assert main(["train", "--method", "ibaformer", "--backbone", "timm:vit_tiny_patch16_224", "--backbone-kwarg",
+                 "patch_size=4", "--backbone-kwarg", "depth=2", "--data", "digits", "--max-steps", "2",
+                 "--protocol", "accuracy", "--out", str(out), *FAST]) == 0
+    assert main(["export", str(out)]) == 0
+    card = json.loads((out / "export" / "backbone.json").read_text())
+    assert card["spec"]["to_ibaformer"]["blocks"] == [0, 1]  # iba_blocks=last2 of depth 2
+    again = load_exported_backbone(out / "export" / "backbone.safetensors").eval()
+    model = Method.from_checkpoint(out)
+    x = model.normalize(digits.test.images[:6])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model.embed(x))

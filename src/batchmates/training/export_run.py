@@ -110,6 +110,12 @@ def embed_run(run_dir: str, *, out: str | os.PathLike, data: str | None = None, 
 
     if split not in _SPLITS:
         raise ConfigError(f"--split {split!r}: choose one of {list(_SPLITS)}")
+    if Path(out).suffix == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise ConfigError(f"--out {str(out)!r}: .parquet needs pyarrow (pip install 'batchmates[parquet]'); or "
+                              "write .npy / .npz")
     model = Method.from_checkpoint(run_dir, map_location=device).to(device)
     cfg, info = model.cfg, model.info
     name = data or cfg.data
