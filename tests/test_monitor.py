@@ -88,7 +88,7 @@ def test_monitor_every_two_epochs_keeps_the_columns_and_logs_csv(tmp_path) -> No
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert math.isnan(float(rows[0]["knn_acc"])) and 0.0 < float(rows[1]["knn_acc"]) <= 1.0
     logged = (out / "logs" / "metrics.csv").read_text()
-    assert "monitor/knn_acc" in logged and "train/loss_step" in logged
+    assert "monitor/knn_acc" in logged and "train/loss_epoch" in logged
     assert not (out / "tb").exists()
 
 

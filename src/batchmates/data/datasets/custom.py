@@ -57,7 +57,8 @@ def to_uint8_image(img: Any) -> torch.Tensor:
     if hasattr(img, "convert") and hasattr(img, "size"):  # PIL
         img = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
     if isinstance(img, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(img))
+        arr = np.ascontiguousarray(img)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1) if t.dim() == 3 else t
     elif isinstance(img, torch.Tensor):
         t = img.detach().cpu()
