@@ -59,14 +59,22 @@ def test_legacy_model_reproduces_its_recorded_test_accuracy(legacy: Path) -> Non
     assert acc == pytest.approx(_metrics(LEGACY)["test_acc"], abs=1e-6)
 
 
-def test_finished_legacy_run_resumes_and_keeps_its_curve(legacy: Path) -> None:
+def test_finished_legacy_run_resumes_and_keeps_its_curve(legacy: Path, capsys) -> None:
     before = _metrics(legacy)
+    text = (legacy / "metrics.json").read_bytes()
+    # --resume of a finished run says so and changes nothing (issue 12)
     assert main(["train", "--resume", str(legacy), "--no-progress", "--threads", "1"]) == 0
+    assert "finished run" in capsys.readouterr().out and (legacy / "metrics.json").read_bytes() == text
+    # --reevaluate evaluates it again from its checkpoint, merging into what metrics.json held
+    before["eval"]["corruptions"] = {"mean": 0.5}  # as `batchmates eval --corruptions` would have added
+    (legacy / "metrics.json").write_text(json.dumps(before))
+    assert main(["train", "--resume", str(legacy), "--reevaluate", "--no-progress", "--threads", "1"]) == 0
     after = _metrics(legacy)
-    assert after["finished"] and after["resumed"] and after["steps"] == before["steps"] == 21
+    assert after["finished"] and after["resumed"] == before["resumed"] and after["steps"] == before["steps"] == 21
     assert after["curve"] == before["curve"]  # History's state was stored under its old callback name
     assert after["test_acc"] == pytest.approx(before["test_acc"], abs=1e-6)
     assert after["eval"]["knn"] == pytest.approx(before["eval"]["knn"], abs=1e-6)
+    assert after["eval"]["corruptions"] == {"mean": 0.5}  # merged, never dropped
 
 
 def test_legacy_run_evaluates(legacy: Path, capsys) -> None:

@@ -14,6 +14,7 @@ Library choices: the run-setting flags of ``train`` and ``compare`` are generate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -27,7 +28,12 @@ __all__ = ["main", "build_parser"]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Shows a flag's default unless there is nothing to show (unset, off) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _epilog(text: str) -> str:
@@ -87,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="start from a config.yaml written by an earlier run (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from DIR/last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="allow --out to hold an earlier run's checkpoint")
+    p.add_argument("--reevaluate", action="store_true", help="with --resume of a finished run: evaluate it again "
+                   "(a finished run is otherwise left unchanged)")
     p.add_argument("--help-method", action="store_true", help="describe --method and its options, then exit")
     _add_run_args(p, single=True)
     p.add_argument("--curate", action="append", dest="opt", type=lambda v: f"curate={v}", metavar="KIND", help="batch curation of simclr/supcon/barlow: frd-batch (one Gaussian FRD per batch), frd-pairwise, pair-sq-l2 (= --opt curate=KIND); see docs/curation.md")  # noqa: E501
@@ -161,15 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench", help="speed/memory benchmarks of the losses, modules and curation", formatter_class=_Formatter,
-        description="Run the benchmarks of batchmates.bench and write OUT/<group>.json and a section of "
-                    "docs/benchmarks.md (Markdown table and hardware).",
-        epilog="examples:\n  batchmates bench losses --quick\n  batchmates bench all --device cuda --out bench/\n",
+        description="Run the benchmarks of batchmates.bench and write OUT/<group>-<device>.json and a section of "
+                    "OUT/benchmarks.md (Markdown table and hardware); --update-docs writes the repository's "
+                    "bench/ and docs/benchmarks.md instead.",
+        epilog="examples:\n  batchmates bench losses --quick\n  batchmates bench all --device cuda --update-docs\n",
     )
     p.add_argument("group", choices=[*BENCH_GROUPS, "all"], help="which benchmarks")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--out", default="bench", help="directory for <group>.json")
-    p.add_argument("--doc", default=os.path.join("docs", "benchmarks.md"), help="Markdown file to update")
+    p.add_argument("--out", help="directory for <group>-<device>.json (default: runs/bench; bench/ with "
+                   "--update-docs)")
+    p.add_argument("--doc", help="Markdown file whose section to replace (default: OUT/benchmarks.md; "
+                   "docs/benchmarks.md with --update-docs)")
+    p.add_argument("--update-docs", action="store_true", help="write the repository's tracked results (bench/*.json "
+                   "and docs/benchmarks.md) instead of a run directory")
 
     p = sub.add_parser(
         "export", help="write a run's backbone (safetensors or ONNX) with a JSON card", formatter_class=_Formatter,
@@ -216,20 +229,14 @@ class CLIError(Exception):
 
 
 def _method_help(name: str, data: str = "digits") -> str:
-    from batchmates.methods import get_method
+    from batchmates.training.catalog import method_help
 
-    cls = get_method(name)
-    defaults = cls.default_settings(data)
-    lines = [cls.describe(), f"  supports {data}: {cls.supports(data)}",
-             "  defaults on " + data + ": " + ", ".join(f"{k}={v}" for k, v in defaults.items())]
-    opts = cls.describe_options()
-    lines.append("  options (--opt KEY=VALUE):" + ("\n" + opts if opts else " none"))
-    return "\n".join(lines)
+    return method_help(name, data)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from batchmates.config import RunConfig, parse_opt_assignments
-    from batchmates.training.run import resume, train
+    from batchmates.training.preflight import check_cli_train, check_config_file, check_resume_dir
 
     given = settings_from_args(args)
     if args.help_method:
@@ -243,9 +250,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if extra or opts or args.config:
             raise CLIError(f"--resume DIR continues DIR/config.yaml unchanged; drop {sorted(extra) or ['--opt']} "
                            "(or start a new run with --config DIR/config.yaml --out NEW)")
-        resume(args.resume, **{k: given[k] for k in ("progress", "threads") if k in given})
+        check_resume_dir(args.resume)  # before the heavy imports
+        from batchmates.training.run import resume
+
+        resume(args.resume, reevaluate=args.reevaluate, **{k: given[k] for k in ("progress", "threads") if k in given})
         return 0
-    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    if args.reevaluate:
+        raise CLIError("--reevaluate goes with --resume DIR (evaluate a finished run again)")
+    cfg = check_config_file(args.config) if args.config else RunConfig()
     if args.config and "out" not in given:
         raise CLIError(f"--config {args.config}: also pass --out NEW_DIR (so the earlier run is not overwritten)")
     if not args.config and "out" not in given:
@@ -253,6 +265,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = cfg.replace(**given)
     if opts:
         cfg = cfg.replace(options={**cfg.options, **opts})
+    check_cli_train(cfg, overwrite=args.overwrite)  # settings, names, options, --out, devices: before the data
+    from batchmates.training.run import train
+
     train(cfg, overwrite=args.overwrite)
     return 0
 
@@ -261,6 +276,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.pretty import Pretty
 
+    from batchmates.training.preflight import check_run_dir
+
+    check_run_dir(args.run_dir, flag="eval DIR")  # before the heavy imports
     from batchmates.training.evaluate import evaluate
 
     res = evaluate(args.run_dir, args.protocol or list(PROTOCOLS), corruptions=args.corruptions,
@@ -288,6 +306,7 @@ def _parse_seeds(text: str | int | list[int]) -> int | list[int]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from batchmates.config import RunConfig, parse_opt_assignments
     from batchmates.training.compare import compare
+    from batchmates.training.preflight import check_cli_compare
     from batchmates.training.variants import load_variants_file
 
     seeds: Any = args.seeds
@@ -307,6 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise CLIError(f"--opt {key}={value}: in compare, prefix the method, e.g. --opt supcon.{key}={value}")
         m, k = key.split(".", 1)
         per_method.setdefault(m, {})[k] = value
+    check_cli_compare(variants, data, per_method, args.out)  # names, options and --out, before the heavy imports
     res = compare(variants, data, _parse_seeds(seeds if seeds is not None else "1"), args.out, RunConfig(**given),
                   protocols=protocols, label_noise=label_noise, corruptions=args.corruptions,
                   severities=args.severity, method_options=per_method)
@@ -340,9 +360,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from batchmates.methods import available_methods
+    from batchmates.training.catalog import method_names  # a cached snapshot: no torch import once it exists
 
-    names = [args.name] if args.name else available_methods()
+    names = [args.name] if args.name else method_names()
     print("\n\n".join(_method_help(n, args.data) for n in names))
     return 0
 
@@ -350,7 +370,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from batchmates.bench.runner import run_benchmarks
 
-    return run_benchmarks(args.group, device=args.device, quick=args.quick, out=args.out, doc=args.doc)
+    out, doc = args.out, args.doc
+    if args.update_docs:  # the tracked result files of the repository
+        out, doc = out or "bench", doc or os.path.join("docs", "benchmarks.md")
+    out = out or os.path.join("runs", "bench")
+    return run_benchmarks(args.group, device=args.device, quick=args.quick, out=out,
+                          doc=doc or os.path.join(out, "benchmarks.md"))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -379,21 +404,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from batchmates.config import ConfigError, RunError
-    from batchmates.methods.registry import UnknownMethodError
+    from batchmates.config import ConfigError, RunError  # light: the method registry's errors are ValueErrors
 
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("batchmates: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ConfigError, UnknownMethodError, RunError, FileNotFoundError, ValueError) as e:
+    except BrokenPipeError:  # the reader went away (`batchmates methods | head`): not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (CLIError, ConfigError, RunError, OSError, ValueError) as e:
+        # a bad input (2) or a run that cannot start or continue (1): one paragraph, no traceback
         if os.environ.get("BATCHMATES_DEBUG"):
             raise
-        code = e.code if isinstance(e, CLIError) else (1 if isinstance(e, RunError | FileNotFoundError) else 2)
+        code = e.code if isinstance(e, CLIError) else (1 if isinstance(e, RunError | OSError) else 2)
         msg = str(e).strip() or type(e).__name__
-        if isinstance(e, FileNotFoundError) and e.args and not isinstance(e.args[0], str):
-            msg = f"{e.strerror}: {e.filename}"
+        if isinstance(e, OSError) and e.args and not isinstance(e.args[0], str):
+            msg = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
         print(f"batchmates {args.command}: error: {msg}", file=sys.stderr)
         return code
 

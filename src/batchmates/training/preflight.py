@@ -50,10 +50,15 @@ def check_config_file(path: str) -> RunConfig:
         raise ConfigError(f"--config {path!r} cannot be read ({e}); pass a readable YAML file") from None
     if not text.strip():
         raise ConfigError(f"--config {path!r} is empty; pass the config.yaml of an earlier run")
-    cfg = RunConfig.from_yaml(text if "\n" in text else text + "\n")
+    import yaml
+
     try:
-        return cfg.validate()
-    except ConfigError as e:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path!r} is not valid YAML ({' '.join(str(e).split())}); fix the file") from None
+    try:
+        return RunConfig.from_dict(data).validate()
+    except (ConfigError, TypeError) as e:
         raise ConfigError(f"--config {path!r}: {e}") from None
 
 
@@ -147,13 +152,19 @@ def check_checkpoint_file(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the CLI's checks
-def check_cli_train(cfg: RunConfig) -> None:
-    """Everything about a ``batchmates train`` config that can be checked without torch or the data."""
+def check_cli_train(cfg: RunConfig, *, overwrite: bool = False) -> None:
+    """Everything about a ``batchmates train`` config that can be checked without Lightning or the data (the
+    device checks import torch, last)."""
+    from batchmates.config import CKPT_FILE
     from batchmates.training.catalog import check_names
 
     cfg.validate()
     check_names(cfg.method, cfg.options, cfg.data, cfg.backbone, cfg.attn_layer)
     check_out_dir(cfg.out)
+    if not overwrite and os.path.exists(os.path.join(cfg.out, CKPT_FILE)):
+        raise RunError(f"{cfg.out!r} already holds a run ({CKPT_FILE}); continue it with `batchmates train --resume "
+                       f"{cfg.out}`, choose another --out, or pass --overwrite")
+    check_run_settings(cfg)
 
 
 def check_cli_compare(variants: object, data: str, method_options: dict[str, dict[str, str]], out: str) -> None:
@@ -193,6 +204,10 @@ def check_resume_dir(run_dir: str) -> None:
     if not os.path.exists(os.path.join(run_dir, CKPT_FILE)):
         raise RunError(f"--resume {run_dir!r}: no {CKPT_FILE} yet (the run stopped before its first checkpoint); "
                        "start it again without --resume")
+    from batchmates.training.rundir import is_finished
+
+    if not is_finished(run_dir):  # a finished run is left alone, so its checkpoint is not needed
+        check_checkpoint_file(os.path.join(run_dir, CKPT_FILE))
 
 
 def check_run_dir(run_dir: str, *, flag: str = "DIR", need_checkpoint: bool = True) -> None:

@@ -5,7 +5,13 @@ Outputs (``DIR = cfg.out``): ``config.yaml`` (every setting, concrete; rerun wit
 seed), ``metrics.csv`` (per epoch), TensorBoard logs under ``tb/``, ``last.ckpt`` (every epoch and every
 ``checkpoint_every_n_steps`` steps; atomic), and ``curves.png``. ``resume(DIR)`` continues an interrupted run
 from ``DIR/last.ckpt`` with the same config; it reproduces the uninterrupted run exactly (per-step seeding in
-:class:`~batchmates.methods.base.Method`, loader position restored from the checkpoint).
+:class:`~batchmates.methods.base.Method`, loader position restored from the checkpoint, the interrupted epoch's
+metric sums restored by :class:`~batchmates.training.callbacks.History`). A finished run is left as it is unless
+``reevaluate=True``; evaluation results are merged into ``metrics.json``, never dropped.
+
+A run directory is written by one process at a time (:func:`~batchmates.training.rundir.run_lock`); a run whose
+loss turns NaN or infinite stops at that step (:class:`~batchmates.training.safety.NonFiniteGuard`), keeps its
+last good checkpoint and records the failure in ``metrics.json`` (``finished: false``, ``failed``).
 
 The pieces live beside this module: the data (:mod:`.data`, a ``LightningDataModule``), the callbacks
 (:mod:`.callbacks`: history, throughput, per-step seeding) and the run-directory layout (:mod:`.rundir`,
@@ -25,17 +31,25 @@ import contextlib
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from typing import Any
 
 import torch
 
-from batchmates.config import RunConfig
+from batchmates.config import ConfigError, RunConfig
 from batchmates.io import atomic_write_json, read_json
 from batchmates.training.data import apply_label_noise
-from batchmates.training.rundir import CKPT_FILE, CONFIG_FILE, METRICS_FILE, RunError, load_run, write_metrics_csv
+from batchmates.training.rundir import (
+    CKPT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RunError,
+    is_finished,
+    load_run,
+    run_lock,
+    write_metrics_csv,
+)
 
 # apply_label_noise, load_run, write_metrics_csv and RunError moved to .data / .rundir; re-exported for old imports.
 __all__ = ["train", "resume", "RunError", "apply_label_noise", "hardware_string", "load_run", "write_metrics_csv",
@@ -82,15 +96,9 @@ def _atomic_checkpoint_io():
 
 
 def _progress_bar(enabled: bool):
-    if not enabled:
-        return None
-    if sys.stdout.isatty():
-        from lightning.pytorch.callbacks import RichProgressBar
+    from batchmates.training.progress import progress_bar
 
-        return RichProgressBar(leave=True)
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    return TQDMProgressBar(refresh_rate=50)
+    return progress_bar(enabled)
 
 
 def _accelerator(cfg: RunConfig) -> str:
@@ -101,7 +109,8 @@ def _accelerator(cfg: RunConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(cfg: RunConfig, *, resume_from: str | None = None, overwrite: bool = False,
-          verbose: bool = True) -> dict[str, Any]:
+          verbose: bool = True, backbone: Any = None, train_dataset: Any = None,
+          test_dataset: Any = None) -> dict[str, Any]:
     """Train ``cfg.method`` on ``cfg.data`` and write every output to ``cfg.out``; return the metrics dict.
 
     ``resume_from``: a checkpoint to continue from (see :func:`resume`). A fresh run refuses a directory that
@@ -109,75 +118,144 @@ def train(cfg: RunConfig, *, resume_from: str | None = None, overwrite: bool = F
     accident). Every setting is validated before the dataset is loaded. Raises
     :class:`~batchmates.config.ConfigError` for invalid settings and ``DatasetNotFoundError`` (a
     ``FileNotFoundError``) for missing data.
+
+    ``backbone``: an ``nn.Module`` (a timm or torchvision model, or any model mapping images to features) to train
+    instead of ``cfg.backbone`` (recorded as ``module:CLASS``; reload it with ``Method.from_checkpoint(DIR,
+    backbone=a_fresh_instance)``). ``train_dataset`` / ``test_dataset``: a user's torch ``Dataset`` s (items
+    ``image`` or ``(image, label)``; see :func:`batchmates.data.datasets.custom.splits_from_datasets`), recorded
+    as ``data: custom:NAME``; without ``test_dataset`` a fixed 20 % of the training set is held out.
     """
     import lightning as L
 
     from batchmates.methods import get_method
+    from batchmates.methods.build import MODULE_SOURCE, rebuilding_from_checkpoint, using_backbone
     from batchmates.training.data import RunDataModule
+    from batchmates.training.preflight import check_run_settings
+    from batchmates.training.safety import NonFiniteLossError, choose_threads
+    from batchmates.training.wiring import check_logger, compile_backbone, user_splits
 
     wall0 = time.perf_counter()
     method_cls = get_method(cfg.method)
+    given_splits = user_splits(cfg, train_dataset, test_dataset)
+    if given_splits is not None:
+        cfg = cfg.replace(data=given_splits.name)
+    if backbone is not None:
+        cfg = cfg.replace(backbone=f"{MODULE_SOURCE}:{type(backbone).__module__}.{type(backbone).__qualname__}")
     cfg = cfg.resolve(method_cls)
+    check_logger(cfg)
+    check_run_settings(cfg)  # output directory, accelerator, strategy, precision: before any data is loaded
     out = cfg.out
-    if resume_from is None and os.path.exists(os.path.join(out, CKPT_FILE)) and not overwrite:
-        raise RunError(
-            f"{out!r} already holds a run ({CKPT_FILE}); continue it with `batchmates train --resume {out}`, "
-            "choose another --out, or pass --overwrite"
-        )
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    data = RunDataModule(cfg)
+    if resume_from is None:
+        _refuse_existing_run(out, overwrite)
+    torch.set_num_threads(choose_threads(cfg.threads, processes=cfg.devices if _accelerator(cfg) == "cpu" else 1))
+    data = RunDataModule(cfg, given_splits)
     data.setup("fit")
+    if data.info.num_classes == 0 and method_cls.supervised:
+        raise ConfigError(f"method {cfg.method!r} trains on labels but {cfg.data!r} has none; use a self-supervised "
+                          "method (simclr, swav, barlow) or a labelled dataset")
     prev = read_json(os.path.join(out, METRICS_FILE), {}) if resume_from else {}
 
-    with _quiet_lightning(True):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_lightning(True))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model = method_cls(cfg, data.info)
+        with rebuilding_from_checkpoint() if resume_from else contextlib.nullcontext(), using_backbone(backbone):
+            model = method_cls(cfg, data.info)  # resuming: the weights come from the checkpoint, not pretrained_path
+        if cfg.compile:
+            compile_backbone(model)
         model.steps_per_epoch = max(1, len(data.train_dataloader()))
-        os.makedirs(out, exist_ok=True)  # only now: a setting the method rejects leaves no directory behind
+        # only now: a setting the method rejects leaves no directory behind; held until every file is written
+        stack.enter_context(run_lock(out, purpose="resume" if resume_from else "train"))
+        if resume_from is None:
+            _refuse_existing_run(out, overwrite)  # again, under the lock: another run may have finished meanwhile
         trainer, history = _trainer(cfg, model, verbose)
         if trainer.is_global_zero:
             model.resolved_config.to_yaml(os.path.join(out, CONFIG_FILE))
-        trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+        except NonFiniteLossError as e:
+            if trainer.is_global_zero:
+                _record_failure(cfg, trainer, history, prev, e, wall=time.perf_counter() - wall0)
+            raise
 
-    if not trainer.is_global_zero:
-        return {}
-    model.to(trainer.strategy.root_device if trainer.strategy.root_device.type != "cpu" else "cpu")
-    from batchmates.training.evaluate import evaluate_model
+        if not trainer.is_global_zero:
+            return {}
+        model.to(trainer.strategy.root_device if trainer.strategy.root_device.type != "cpu" else "cpu")
+        from batchmates.training.evaluate import evaluate_model
+        from batchmates.training.progress import EvalProgress
 
-    eval_results = evaluate_model(model, data.splits, cfg.eval_protocols, batch_size=max(cfg.batch_size, 256))
-    metrics = _metrics(cfg, trainer, history, eval_results, resumed=bool(resume_from) or bool(prev.get("resumed")),
-                       wall=time.perf_counter() - wall0 + float(prev.get("wall_time_s", 0.0)))
-    atomic_write_json(os.path.join(out, METRICS_FILE), metrics)
-    write_metrics_csv(os.path.join(out, "metrics.csv"), history.rows)
-    try:
-        from batchmates.training.plots import plot_curves
+        if data.info.num_classes > 0:
+            with EvalProgress(cfg.eval_protocols, verbose):
+                eval_results = evaluate_model(model, data.splits, cfg.eval_protocols,
+                                              batch_size=max(cfg.batch_size, 256))
+        else:  # unlabelled data: no protocol applies (the monitor's embedding rank is in metrics.csv)
+            eval_results = {"accuracy": {"top1": None, "source": "none (unlabelled data)"}}
+        # "resumed": training continued from a checkpoint (re-evaluating a finished run is not a resume)
+        resumed = bool(prev.get("resumed")) or (resume_from is not None and not prev.get("finished"))
+        metrics = _merge_metrics(prev, _metrics(cfg, trainer, history, eval_results, resumed=resumed,
+                                                wall=time.perf_counter() - wall0 + float(prev.get("wall_time_s", 0.0))))
+        atomic_write_json(os.path.join(out, METRICS_FILE), metrics)
+        write_metrics_csv(os.path.join(out, "metrics.csv"), history.rows)
+        try:
+            from batchmates.training.plots import plot_curves
 
-        plot_curves(history.rows, os.path.join(out, "curves.png"),
-                    title=f"{cfg.method} on {cfg.data} (seed {cfg.seed})")
-    except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a finished run
-        warnings.warn(f"could not write curves.png: {e}", stacklevel=2)
+            plot_curves(history.rows, os.path.join(out, "curves.png"),
+                        title=f"{cfg.method} on {cfg.data} (seed {cfg.seed})")
+        except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a finished run
+            warnings.warn(f"could not write curves.png: {e}", stacklevel=2)
     if verbose:
         print_run_summary(metrics, out)
     return metrics
 
 
+def _refuse_existing_run(out: str, overwrite: bool) -> None:
+    if os.path.exists(os.path.join(out, CKPT_FILE)) and not overwrite:
+        raise RunError(
+            f"{out!r} already holds a run ({CKPT_FILE}); continue it with `batchmates train --resume {out}`, "
+            "choose another --out, or pass --overwrite"
+        )
+
+
+def _merge_metrics(prev: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` over ``prev``: keys only ``prev`` has (e.g. ``eval_batch``) are kept, and so are evaluation results
+    ``new`` does not recompute (e.g. ``eval["corruptions"]`` from ``batchmates eval --corruptions``)."""
+    merged = {k: v for k, v in prev.items() if k != "failed"}
+    merged.update(new)
+    merged["eval"] = {**(prev.get("eval") or {}), **(new.get("eval") or {})}
+    return merged
+
+
+def _record_failure(cfg: RunConfig, trainer: Any, history: Any, prev: dict[str, Any], err: Any, *,
+                    wall: float) -> None:
+    """``metrics.json`` (``finished: false`` and ``failed``) and ``metrics.csv`` of a run stopped by a NaN/inf."""
+    metrics = {k: v for k, v in prev.items() if k not in ("finished", "failed")}
+    metrics.update({"method": cfg.method, "data": cfg.data, "seed": cfg.seed, "epochs_done": len(history.rows),
+                    "steps": int(trainer.global_step), "curve": history.rows, "finished": False,
+                    "threads": torch.get_num_threads(),
+                    "wall_time_s": round(wall + float(prev.get("wall_time_s", 0.0)), 3),
+                    "failed": {"reason": "non-finite", "what": err.what, "step": err.step, "epoch": err.epoch,
+                               "message": str(err)}})
+    atomic_write_json(os.path.join(cfg.out, METRICS_FILE), metrics)
+    write_metrics_csv(os.path.join(cfg.out, "metrics.csv"), history.rows)
+
+
 def _trainer(cfg: RunConfig, model: Any, verbose: bool) -> tuple[Any, Any]:
     """The Lightning ``Trainer`` of a run (checkpoints, logger, callbacks) and its :class:`History` callback."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     from batchmates.training.callbacks import History, StepSeeding, Throughput
+    from batchmates.training.monitor import EmbeddingMonitor
+    from batchmates.training.safety import NonFiniteGuard, RunCheckpoint
+    from batchmates.training.wiring import make_logger, monitor_every
 
     out = cfg.out
     history = History(out)
-    callbacks: list[Any] = [history, StepSeeding(cfg.seed), Throughput()]
-    if cfg.checkpoint_every_n_steps > 0:
-        callbacks.append(ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, enable_version_counter=False,
-                                         every_n_train_steps=cfg.checkpoint_every_n_steps))
-    callbacks.append(ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, enable_version_counter=False,
-                                     every_n_epochs=1, save_on_train_epoch_end=True))
+    # NonFiniteGuard before the checkpoints (Lightning runs ModelCheckpoints last): a NaN step is never saved
+    callbacks: list[Any] = [history, StepSeeding(cfg.seed), Throughput(),
+                            NonFiniteGuard(cfg.checkpoint_every_n_steps, lr=cfg.lr)]
+    every = monitor_every(cfg, model)
+    if every > 0:  # before History: its row of the epoch reads what the monitor logged
+        callbacks.insert(0, EmbeddingMonitor(every, batch_size=max(cfg.batch_size, 256)))
+    callbacks.append(RunCheckpoint(os.path.join(out, CKPT_FILE), cfg.checkpoint_every_n_steps))
     bar = _progress_bar(cfg.progress and verbose)
     if bar is not None:
         callbacks.append(bar)
@@ -186,10 +264,12 @@ def _trainer(cfg: RunConfig, model: Any, verbose: bool) -> tuple[Any, Any]:
         max_steps=cfg.max_steps,
         accelerator=_accelerator(cfg),
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        sync_batchnorm=cfg.sync_bn,
         strategy=cfg.strategy,
         precision=cfg.precision,
         deterministic=cfg.deterministic,
-        logger=TensorBoardLogger(save_dir=out, name="tb", version="", default_hp_metric=False),
+        logger=make_logger(cfg),
         callbacks=callbacks,
         plugins=[_atomic_checkpoint_io()],
         default_root_dir=out,
@@ -226,8 +306,9 @@ def _metrics(cfg: RunConfig, trainer: Any, history: Any, eval_results: dict[str,
         "wall_time_s": round(wall, 3),
         "resumed": resumed,
         "hardware": hardware_string(_accelerator(cfg)),
-        "precision": cfg.precision,
+        "precision": str(trainer.precision),  # what ran (Lightning may substitute a precision the device lacks)
         "devices": cfg.devices,
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "lightning": L.__version__,
         "python": platform.python_version(),
@@ -242,7 +323,9 @@ def print_run_summary(metrics: dict[str, Any], out: str) -> None:
     from rich.console import Console
 
     ev = metrics.get("eval", {})
-    parts = [f"test top-1 [bold]{metrics['test_acc']:.4f}[/] ({metrics['accuracy_source']})"]
+    acc = metrics["test_acc"]
+    parts = [f"test top-1 [bold]{acc:.4f}[/] ({metrics['accuracy_source']})" if acc is not None
+             else f"no test accuracy ({metrics['accuracy_source']})"]
     if "knn" in ev:
         parts.append(f"kNN k=20 {ev['knn']['k20']:.4f}, k=200 {ev['knn']['k200']:.4f}")
     if "linear" in ev and metrics["accuracy_source"] != "linear_probe":
@@ -254,14 +337,33 @@ def print_run_summary(metrics: dict[str, Any], out: str) -> None:
               "(metrics.json, metrics.csv, curves.png, last.ckpt, tb/)")
 
 
-def resume(run_dir: str, *, verbose: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from ``run_dir/last.ckpt`` with its saved ``config.yaml``."""
+def resume(run_dir: str, *, verbose: bool = True, backbone: Any = None, reevaluate: bool = False,
+           **overrides: Any) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from ``run_dir/last.ckpt`` with its saved ``config.yaml`` (``backbone``: a
+    fresh instance of the module a ``train(cfg, backbone=...)`` run was given).
+
+    A finished run is left untouched and its ``metrics.json`` returned (with a message when ``verbose``), unless
+    ``reevaluate``: then it is evaluated again and the results are merged into ``metrics.json``.
+    """
+    from batchmates.training.preflight import check_checkpoint_file, check_config_file
+
     cfg_path = os.path.join(run_dir, CONFIG_FILE)
     ckpt = os.path.join(run_dir, CKPT_FILE)
+    if not os.path.isdir(run_dir):
+        raise RunError(f"--resume {run_dir!r}: no such directory; pass the --out directory of an earlier run")
     if not os.path.exists(cfg_path):
         raise RunError(f"--resume {run_dir!r}: no {CONFIG_FILE} there; is it a batchmates run directory?")
     if not os.path.exists(ckpt):
         raise RunError(f"--resume {run_dir!r}: no {CKPT_FILE} yet (the run stopped before its first checkpoint); "
                        "start it again without --resume")
+    check_config_file(cfg_path)
+    if is_finished(run_dir) and not reevaluate:
+        metrics = read_json(os.path.join(run_dir, METRICS_FILE), {})
+        if verbose:
+            print(f"{run_dir} is a finished run ({metrics.get('epochs_done', '?')} epochs, {metrics.get('steps', '?')} "
+                  "steps); nothing to resume, nothing changed. Pass --reevaluate to evaluate it again, or start a new "
+                  f"run with --config {cfg_path} --out NEW_DIR.", flush=True)
+        return metrics
+    check_checkpoint_file(ckpt)
     cfg = RunConfig.from_yaml(cfg_path).replace(out=run_dir, **overrides)
-    return train(cfg, resume_from=ckpt, verbose=verbose)
+    return train(cfg, resume_from=ckpt, verbose=verbose, backbone=backbone)

@@ -13,9 +13,10 @@ Library choices:
   Lightning 2.6's ``ModelCheckpoint`` writes ``last.ckpt`` at an epoch end only if it saved a top-k checkpoint at
   that step, i.e. never.
 * :class:`NonFiniteGuard` checks the training loss of every step on the CPU (on accelerators, where a check is a
-  host-device sync, only on the steps that write a checkpoint and every ``sync_every`` steps), and the parameters
-  before every checkpoint. A non-finite value stops the run with :class:`NonFiniteLossError` *before* the
-  checkpoint of that step is written, so ``last.ckpt`` keeps the last good state. Under DDP the ranks agree on the
+  host-device sync, only on the steps that write a checkpoint and every ``sync_every`` steps), and every weight
+  and buffer (BatchNorm statistics overflow before the loss does) before every checkpoint. A non-finite value
+  stops the run with :class:`NonFiniteLossError` *before* the checkpoint of that step is written, so
+  ``last.ckpt`` keeps the last good state. Under DDP the ranks agree on the
   decision (any rank's non-finite loss stops all of them).
 * :func:`choose_threads`: the torch CPU threads of a run that did not set ``--threads``: the cores this process
   may run on (``os.sched_getaffinity``) that are not busy (minus the 1-minute load average, rounded down, at least
@@ -100,8 +101,8 @@ class NonFiniteGuard(L.Callback):
         what = ""
         if self._bad is not None and bool(trainer.strategy.reduce_boolean_decision(bool(self._bad), all=False)):
             what = "the training loss"
-        elif ckpt and not _params_finite(trainer, pl_module):
-            what = "a parameter"
+        elif ckpt and not _state_finite(trainer, pl_module):
+            what = "a weight or buffer (e.g. a BatchNorm running statistic)"
         self._bad = None
         if what:
             self._stop(trainer, what)
@@ -118,8 +119,10 @@ class NonFiniteGuard(L.Callback):
         )
 
 
-def _params_finite(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-    flags = [torch.isfinite(p.detach()).all() for p in pl_module.parameters()]
+def _state_finite(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Every floating-point parameter and buffer is finite, on every rank."""
+    flags = [torch.isfinite(t.detach()).all() for t in pl_module.state_dict().values()
+             if torch.is_tensor(t) and t.is_floating_point()]
     ok = bool(torch.stack(flags).all()) if flags else True
     return not trainer.strategy.reduce_boolean_decision(not ok, all=False)
 
