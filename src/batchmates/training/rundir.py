@@ -11,7 +11,8 @@ from the checkpoint alone (:meth:`~batchmates.methods.base.Method.from_checkpoin
 because its callers evaluate on it. A process that writes a run directory (train, resume, eval) holds
 :func:`run_lock`: an exclusive ``fcntl.flock`` on ``DIR/.lock``, which the operating system releases when the
 process ends however it ends (no stale lock after a ``kill -9``); a second writer is refused with the first one's
-PID and command. Only rank 0 of a DDP run takes it. Where ``fcntl`` does not exist (Windows) nothing is locked.
+PID and command; the holder first removes the temporary files of atomic writes a killed writer left behind. Only
+rank 0 of a DDP run takes it. Where ``fcntl`` does not exist (Windows) nothing is locked.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def run_lock(run_dir: str, *, purpose: str = "train") -> Iterator[None]:
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        _remove_stale_temporaries(run_dir)
         try:
             yield
         finally:
@@ -129,6 +131,15 @@ def run_lock(run_dir: str, *, purpose: str = "train") -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _remove_stale_temporaries(run_dir: str) -> None:
+    """Temporary files of atomic writes a killed process left behind (``.NAME.XXXX.tmp``); only the lock holder
+    writes here, so none of them is in use."""
+    for name in os.listdir(run_dir):
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(run_dir, name))
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
