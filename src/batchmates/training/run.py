@@ -131,7 +131,8 @@ def train(cfg: RunConfig, *, resume_from: str | None = None, overwrite: bool = F
     from batchmates.methods.build import MODULE_SOURCE, rebuilding_from_checkpoint, using_backbone
     from batchmates.training.data import RunDataModule
     from batchmates.training.preflight import check_run_settings
-    from batchmates.training.safety import NonFiniteLossError, choose_threads
+    from batchmates.training.safety import NonFiniteLossError
+    from batchmates.training.threads import choose_threads
     from batchmates.training.wiring import check_logger, compile_backbone, user_splits
 
     wall0 = time.perf_counter()

@@ -1,5 +1,4 @@
-"""What keeps a run directory consistent while it trains: the step checkpoint, the non-finite-loss guard and the
-CPU thread count.
+"""What keeps a run directory consistent while it trains: the checkpoints and the non-finite-loss guard.
 
 Paper: none (library infrastructure).
 
@@ -18,18 +17,11 @@ Library choices:
   stops the run with :class:`NonFiniteLossError` *before* the checkpoint of that step is written, so
   ``last.ckpt`` keeps the last good state. Under DDP the ranks agree on the
   decision (any rank's non-finite loss stops all of them).
-* :func:`choose_threads`: the torch CPU threads of a run that did not set ``--threads``: the cores this process
-  may run on (``os.sched_getaffinity``) that are not busy (minus the 1-minute load average, rounded down, at least
-  1), shared among the processes of the run (``devices`` on the CPU). Float reductions (sums inside matrix
-  products, convolutions, BatchNorm statistics) are split differently for different thread counts, so results
-  differ in the last bits between thread counts and then diverge over training; the count used is recorded in
-  ``metrics.json`` (``threads``) so a run can be reproduced with ``--threads``.
+* The CPU thread count of a run is chosen by :mod:`batchmates.training.threads`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Any
 
 import lightning as L
@@ -38,7 +30,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from batchmates.config import RunError
 
-__all__ = ["RunCheckpoint", "NonFiniteGuard", "NonFiniteLossError", "choose_threads", "available_cores"]
+__all__ = ["RunCheckpoint", "NonFiniteGuard", "NonFiniteLossError"]
 
 
 class RunCheckpoint(Checkpoint):
@@ -125,23 +117,3 @@ def _state_finite(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
              if torch.is_tensor(t) and t.is_floating_point()]
     ok = bool(torch.stack(flags).all()) if flags else True
     return not trainer.strategy.reduce_boolean_decision(not ok, all=False)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where that is missing)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def choose_threads(requested: int | None, *, processes: int = 1) -> int:
-    """``requested`` if given, else the free cores (available minus the 1-minute load, at least 1) per process."""
-    if requested is not None:
-        return int(requested)
-    cores = available_cores()
-    try:
-        busy = math.floor(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy) // max(1, int(processes)))
