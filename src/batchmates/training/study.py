@@ -244,7 +244,10 @@ def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: 
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        from batchmates.training.threads import share_cores  # each worker's runs use the free cores / jobs
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=share_cores,
+                                 initargs=(jobs,)) as pool:
             futures = {pool.submit(_run_one, p, study.severities, False): p for p in pending}
             for fut in as_completed(futures):
                 try:
