@@ -144,3 +144,21 @@ def test_two_node_torchrun_job_equals_one_node_with_two_devices(tmp_path) -> Non
 def test_accumulate_must_divide_the_per_process_batch() -> None:
     with pytest.raises(ConfigError, match="devices=2 x num_nodes=2 x accumulate=2"):
         RunConfig(method="simclr", batch_size=36, devices=2, num_nodes=2, accumulate=2).validate()
+
+
+@pytest.mark.slow
+def test_cached_accumulation_under_ddp_equals_the_plain_ddp_run(tmp_path) -> None:
+    """2 gloo processes: --accumulate 2 trains the weights --accumulate 1 trains (no BatchNorm: vit-tiny), so the
+    gradients of all micro-batches are all-reduced once per step (a rank's local gradient would differ)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    states = []
+    for acc in (1, 2):
+        out = tmp_path / f"acc{acc}"
+        subprocess.run([sys.executable, "-m", "batchmates", "train", "--method", "simclr", "--backbone", "vit-tiny",
+                        "--data", "digits", "--accumulate", str(acc), "--batch-size", "32", "--devices", "2",
+                        "--strategy", "ddp", "--accelerator", "cpu", "--precision", "32-true", "--max-steps", "2",
+                        "--epochs", "1", "--threads", "1", "--no-progress", "--protocol", "knn", "--out", str(out)],
+                       check=True, env=env, timeout=600)
+        states.append(torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"])
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=1e-5, atol=1e-6)
