@@ -1,4 +1,4 @@
-"""Run every bad-input case of batchmates.testing.faults as a user would (`python -m batchmates ...`, one process
+"""Run every bad-input case of tests/_faults.py as a user would (`python -m batchmates ...`, one process
 each) and print the table of docs/reliability.md: tried / clear error / traceback / silent / unclear / skipped.
 
     .venv/bin/python scripts/fault_inputs.py [--in-process] [--only WORD] [--show]
@@ -12,7 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from batchmates.testing.faults import CASES, Scratch, run_case
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _faults import CASES, Scratch, run_case  # noqa: E402  (a test helper, beside the tests)
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Every bad input of batchmates.testing.faults is one clear error (issue 12): the expected exit status, no
+"""Every bad input of tests/_faults.py is one clear error (issue 12): the expected exit status, no
 traceback, the words that name the input and the fix; nothing silent. In this process, through the CLI's main;
 ``scripts/fault_inputs.py`` runs the same cases as subprocesses for docs/reliability.md."""
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from batchmates.testing.faults import CASES, Scratch, run_case, write_fashion
+from _faults import CASES, Scratch, run_case, write_fashion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +32,7 @@ def test_bad_input_is_one_clear_error(scratch: Scratch, case) -> None:
 
 
 def test_the_classifier_sees_tracebacks_and_silence(scratch: Scratch) -> None:
-    from batchmates.testing.faults import Case
+    from _faults import Case
 
     silent = run_case(Case("t", "an input that is accepted", lambda s: ["methods", "ce"], 2, ("error",)), scratch)
     assert silent.status == "silent"

@@ -280,9 +280,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_run_dir(args.run_dir, flag="eval DIR")  # before the heavy imports
     from batchmates.training.evaluate import evaluate
+    from batchmates.training.progress import EvalProgress
 
-    res = evaluate(args.run_dir, args.protocol or list(PROTOCOLS), corruptions=args.corruptions,
-                   severities=args.severity, kinds=args.kind, device=args.device, eval_mode=args.eval_mode)
+    protocols = (args.protocol or list(PROTOCOLS)) + (["corruptions"] if args.corruptions else [])
+    with EvalProgress(protocols, what=args.run_dir):
+        res = evaluate(args.run_dir, args.protocol or list(PROTOCOLS), corruptions=args.corruptions,
+                       severities=args.severity, kinds=args.kind, device=args.device, eval_mode=args.eval_mode)
     Console().print(Pretty(res))
     key = "eval_batch" if args.eval_mode == "batch" else "eval"
     print(f"results merged into {os.path.join(args.run_dir, 'metrics.json')} under {key!r}")

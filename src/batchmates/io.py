@@ -33,6 +33,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_save_torch",
     "read_json",
+    "verify_checkpoint",
 ]
 
 PathLike = str | os.PathLike
@@ -131,6 +132,33 @@ def atomic_save_torch(obj: Any, path: PathLike, *, save: Callable[[Any, IO[bytes
     buf = io.BytesIO()
     (save or torch.save)(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def verify_checkpoint(path: PathLike) -> None:
+    """Raise :class:`~batchmates.options.RunError` unless ``path`` is a complete checkpoint: non-empty, a readable
+    zip archive (a truncated file has no central directory) whose members pass their CRC-32 checks (a flipped bit
+    otherwise loads silently with ``torch.load``)."""
+    import zipfile
+
+    from batchmates.options import RunError
+
+    path = os.fspath(path)
+    fix = ("it cannot be resumed or evaluated. Restore it from a backup, or start the run again with --overwrite "
+           "(metrics.csv and metrics.json keep the earlier epochs' numbers)")
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise RunError(f"{path!r} cannot be read ({e.strerror or e}); {fix}") from None
+    if size == 0:
+        raise RunError(f"{path!r} is empty (0 bytes); {fix}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise RunError(f"{path!r} is truncated or not a checkpoint ({e}); {fix}") from None
+    if bad is not None:
+        raise RunError(f"{path!r} is corrupt (member {bad!r} fails its CRC check: the file was damaged on disk); "
+                       f"{fix}")
 
 
 def read_json(path: PathLike, default: Any = None) -> Any:

@@ -72,6 +72,7 @@ from torch import nn
 
 from batchmates.config import CKPT_FILE, DEFAULT_SETTINGS, ConfigError, DataInfo, Option, RunConfig, RunError
 from batchmates.config import dataset_defaults as _dataset_defaults
+from batchmates.io import verify_checkpoint
 from batchmates.methods.registry import get_method
 from batchmates.models import set_eval_mode
 from batchmates.seeding import step_seed
@@ -154,6 +155,7 @@ class Method(L.LightningModule):
         if not os.path.isfile(ckpt):
             raise RunError(f"{path!r} has no {CKPT_FILE}; pass a run directory written by `batchmates train` or "
                            "its checkpoint file")
+        verify_checkpoint(ckpt)  # truncated or bit-flipped: a RunError naming the file (torch.load may not notice)
         state = torch.load(ckpt, map_location=map_location, weights_only=False)
         meta = state.get("batchmates") if isinstance(state, dict) else None
         if not isinstance(meta, dict) or not {"cfg", "info"} <= set(meta):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import zipfile
 
 from batchmates.config import ConfigError, RunConfig, RunError
 
@@ -132,23 +131,10 @@ def check_run_settings(cfg: RunConfig) -> None:
 
 
 def check_checkpoint_file(path: str) -> None:
-    """``path`` is a complete checkpoint (non-empty zip archive whose members pass their CRC checks)."""
-    fix = ("it cannot be resumed or evaluated. Restore it from a backup, or start the run again with --overwrite "
-           "(metrics.csv and metrics.json keep the earlier epochs' numbers)")
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise RunError(f"{path!r} cannot be read ({e.strerror or e}); {fix}") from None
-    if size == 0:
-        raise RunError(f"{path!r} is empty (0 bytes); {fix}")
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise RunError(f"{path!r} is truncated or not a checkpoint ({e}); {fix}") from None
-    if bad is not None:
-        raise RunError(f"{path!r} is corrupt (member {bad!r} fails its CRC check: the file was damaged on disk); "
-                       f"{fix}")
+    """``path`` is a complete checkpoint (:func:`batchmates.io.verify_checkpoint`)."""
+    from batchmates.io import verify_checkpoint
+
+    verify_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI's checks

@@ -63,12 +63,10 @@ def load_run(run_dir: str, map_location: str = "cpu") -> tuple[Any, RunConfig, A
     """Rebuild the trained method of ``run_dir`` and load its dataset: ``(method in eval mode, cfg, splits)``."""
     from batchmates.data import load_dataset
     from batchmates.methods import Method
-    from batchmates.training.preflight import check_checkpoint_file
 
     if not has_checkpoint(run_dir):
         raise RunError(f"{run_dir!r} has no {CKPT_FILE}; pass a directory written by `batchmates train`")
-    check_checkpoint_file(os.path.join(run_dir, CKPT_FILE))
-    model = Method.from_checkpoint(run_dir, map_location=map_location)
+    model = Method.from_checkpoint(run_dir, map_location=map_location)  # checks the file first (verify_checkpoint)
     cfg = model.cfg
     splits = load_dataset(cfg.data, data_dir=cfg.data_dir, download=False, image_size=cfg.image_size)
     return model, cfg, splits

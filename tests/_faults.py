@@ -11,9 +11,7 @@ or as a ``python -m batchmates`` subprocess) and classifies the outcome:
 * ``skipped``: the case cannot be staged here (e.g. a read-only directory for root, who may write anywhere).
 
 ``tests/test_reliability_inputs.py`` asserts every case is ``clear``; ``scripts/fault_inputs.py`` prints the table
-of docs/reliability.md.
-
-Paper: none (library infrastructure).
+of docs/reliability.md. (A test helper, not part of the package: it drives the CLI, the top floor.)
 
 Library choices: cases that need a finished run share one (``digits``, ``ce``, 1 epoch); data cases write a small
 synthetic Fashion-MNIST (12 train / 6 test images, IDX, gzip) and damage one file; "no GPU" is staged with
