@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 FORMS = [("mean", "running"), ("mean", "sa"), ("element", "running"), ("element", "bank"), ("element", "sa")]
 
 
-def _trained(mode: str, form: str | None = None, sizes=(5, 3, 4), **kw) -> tuple[IntraBatchAttention, list]:
+def _trained(mode: str, form: str = "running", sizes=(5, 3, 4), **kw) -> tuple[IntraBatchAttention, list]:
     """A layer after training forwards on batches of ``sizes`` (momentum 0.4: cumulative average for the first
     two batches, then EMA; a bank of 6 that the batches overfill)."""
     m = make(mode, eval_form=form, momentum=0.4, bank_size=6, **kw).train()
@@ -56,13 +56,15 @@ def test_statistics_and_independent_eval_match_the_reference(mode: str, form: st
         assert (m(x) - ref_self_attention(m, x)).abs().max() > 1e-3
 
 
-def test_default_forms_are_running_for_miba_and_bank_for_eiba() -> None:
-    assert make("mean").resolved_eval_form == "running"
-    assert make("element").resolved_eval_form == "bank"
-    m, batches = _trained("element")
+def test_default_form_is_running_for_both_modes() -> None:
+    assert make("mean").eval_form == make("element").eval_form == "running"
+    m = make("element", momentum=0.4, bank_size=6).train()
+    batches = [tokens(b=4, seed=20 + i) for i in range(2)]
+    for x in batches:
+        m(x)
     x = tokens(b=3, seed=4)
     ref = ref_statistics(m, batches, momentum=0.4, bank_size=6)
-    torch.testing.assert_close(m(x), ref_independent_eval(m, x, "bank", ref), atol=1e-11, rtol=1e-9)
+    torch.testing.assert_close(m.eval()(x), ref_independent_eval(m, x, "running", ref), atol=1e-11, rtol=1e-9)
 
 
 @pytest.mark.parametrize(("mode", "form"), FORMS)
@@ -163,4 +165,4 @@ def test_eval_form_errors_name_the_argument_and_the_fix() -> None:
     from batchmates.models import create_token_mixer
 
     mixer = create_token_mixer("eiba", DIM, HEADS, eval_form="running", bank_size=3, momentum=0.5)
-    assert (mixer.resolved_eval_form, mixer.bank_size, mixer.momentum) == ("running", 3, 0.5)
+    assert (mixer.eval_form, mixer.bank_size, mixer.momentum) == ("running", 3, 0.5)

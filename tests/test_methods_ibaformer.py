@@ -51,13 +51,13 @@ def test_default_backbone_has_a_conv_stem_and_vit_tiny_keeps_the_patch_embedding
         get_method("ibaformer")(conv.cfg.replace(backbone="cnn"), DIGITS)
 
 
-@pytest.mark.parametrize(("mode", "form", "resolved"), [("mean", "auto", "running"), ("element", "auto", "bank"),
-                                                        ("element", "running", "running"), ("mean", "sa", "sa")])
-def test_eval_form_option_reaches_every_iba_block(mode: str, form: str, resolved: str) -> None:
-    model = _model(mode=mode, eval_form=form, iba_blocks="all", momentum=0.3, bank_size=5)
+@pytest.mark.parametrize(("mode", "form"), [("mean", None), ("element", None), ("element", "bank"), ("mean", "sa")])
+def test_eval_form_option_reaches_every_iba_block(mode: str, form: str | None) -> None:
+    opts = {"eval_form": form} if form else {}
+    model = _model(mode=mode, iba_blocks="all", momentum=0.3, bank_size=5, **opts)
     layers = _iba_layers(model)
-    assert len(layers) == 6
-    assert all(m.resolved_eval_form == resolved and m.momentum == 0.3 and m.bank_size == 5 for m in layers)
+    assert len(layers) == 6 and model.opts["eval_form"] == (form or "running")
+    assert all(m.eval_form == (form or "running") and m.momentum == 0.3 and m.bank_size == 5 for m in layers)
 
 
 def test_option_errors_name_the_fix() -> None:
@@ -70,7 +70,7 @@ def test_option_errors_name_the_fix() -> None:
 
 
 def test_trained_model_evaluates_each_image_alone_from_its_training_statistics() -> None:
-    model = _model(mode="element", iba_blocks="last2", bank_size=8)
+    model = _model(mode="element", iba_blocks="last2", bank_size=8, eval_form="bank")
     model.train()
     with torch.no_grad():
         for s in range(3):  # training forwards fill the statistics of every IBA block

@@ -27,14 +27,17 @@ Library choices (our reconstruction from those names; the paper's equations were
   - ``eval_form="running"``: MIBA against ``K̃_b = K_b/B_t + (1 - 1/B_t) K̄_run`` (and ``Ṽ_b`` likewise);
   - ``eval_form="bank"`` (EIBA only): ``SA_b/B_t + (1 - 1/B_t) · (1/M) Σ_m softmax(Q_b K_mᵀ/√d) V_m`` over the
     M banked training samples: EIBA's average of attentions is not a function of any mean statistic, so its
-    counterpart is the same average over a fixed set of real training samples;
+    exact counterpart is the same average over a fixed set of real training samples;
   - ``eval_form="sa"``: self-attention alone (the previous behaviour: the sample-specific signal is about
     twice what training saw).
 
-  ``eval_form=None`` (default) picks the form measured best on the domain-shift protocol (see the docs):
-  ``"running"`` for MIBA and ``"bank"`` for EIBA. A layer without statistics (never trained, or loaded from
-  a checkpoint written before they existed, or from a self-attention layer's weights) evaluates as
-  self-attention alone, which is how such checkpoints were evaluated; ``has_statistics`` tells which.
+  ``"running"`` is the default for both modes. On the domain-shift protocol (digits, ViT with IBA in every
+  block, 3 seeds; train clean, test on 5 corruptions × 5 severities) it beat ``"sa"`` by about 3 points
+  (MIBA +2.8 ± 1.1, EIBA +3.3 ± 1.7 corrupted top-1); for EIBA ``"bank"`` tied with it (+0.5 clean, -0.3
+  corrupted, within the seed spread) at O(M) times the eval cost, so it is an option. A layer without
+  statistics (never trained, or loaded from a checkpoint written before they existed, or from a
+  self-attention layer's weights) evaluates as self-attention alone, which is how such checkpoints were
+  evaluated; ``has_statistics`` tells which.
 * Global batch under ``torch.distributed``: MIBA's means are all-reduced sums over the global count; EIBA
   gathers K and V with a gradient-carrying all-gather, so every query attends to every sample of the global
   batch. The running means are of those global means and the bank holds gathered samples, so every rank's
@@ -71,22 +74,18 @@ __all__ = [
     "element_batch_attention",
     "IBA_MODES",
     "EVAL_FORMS",
-    "DEFAULT_EVAL_FORM",
 ]
 
 EVAL_FORMS: tuple[str, ...] = ("running", "bank", "sa")
-DEFAULT_EVAL_FORM: dict[str, str] = {"mean": "running", "element": "bank"}
 _STAT_TENSORS = ("running_k", "running_v", "bank_k", "bank_v")  # shapes known after the first training batch
 _STAT_COUNTS = ("num_batches_tracked", "train_batch_size")
 
 
-def _check_eval_form(form: str | None, mode: str) -> str | None:
-    if form is None:
-        return None
+def _check_eval_form(form: str, mode: str) -> str:
     if form not in EVAL_FORMS:
         raise ValueError(
-            f"eval_form must be None (the default for the mode), 'running' (running batch means), 'bank' (EIBA: "
-            f"a bank of training keys/values) or 'sa' (self-attention alone); got {form!r}"
+            f"eval_form must be 'running' (default: running batch means), 'bank' (EIBA: a bank of training "
+            f"keys/values) or 'sa' (self-attention alone); got {form!r}"
         )
     if form == "bank" and mode != "element":
         raise ValueError(
@@ -110,8 +109,7 @@ class IntraBatchAttention(nn.Module):
         num_heads: number of heads.
         mode: ``"mean"`` (MIBA, default) or ``"element"`` (EIBA); aliases ``"miba"``, ``"eiba"``.
         eval_mode: ``"independent"`` (default) or ``"batch"``.
-        eval_form: independent-eval form: ``"running"``, ``"bank"`` (EIBA only), ``"sa"``, or ``None`` (default:
-            ``"running"`` for MIBA, ``"bank"`` for EIBA).
+        eval_form: independent-eval form: ``"running"`` (default), ``"bank"`` (EIBA only) or ``"sa"``.
         momentum: weight of the newest batch in the running means, in (0, 1] (as BatchNorm's).
         bank_size: training samples whose keys/values EIBA keeps for ``eval_form="bank"``.
         chunk_size: EIBA query-key sample pairs per chunk (``None``: automatic from a memory budget).
@@ -129,7 +127,7 @@ class IntraBatchAttention(nn.Module):
         mode: str = "mean",
         eval_mode: str = "independent",
         *,
-        eval_form: str | None = None,
+        eval_form: str = "running",
         momentum: float = 0.1,
         bank_size: int = 64,
         chunk_size: int | None = None,
@@ -171,15 +169,9 @@ class IntraBatchAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, mode={self.mode!r}, eval_mode={self.eval_mode!r}, "
-            f"eval_form={self.resolved_eval_form!r}, momentum={self.momentum}, bank_size={self.bank_size}, "
+            f"eval_form={self.eval_form!r}, momentum={self.momentum}, bank_size={self.bank_size}, "
             f"chunk_size={self.chunk_size}, gather={self.gather}"
         )
-
-    @property
-    def resolved_eval_form(self) -> str:
-        """The independent-eval form in use (``eval_form``, or the default for ``mode`` when it is ``None``)."""
-        form = _check_eval_form(self.eval_form, self.mode)
-        return form if form is not None else DEFAULT_EVAL_FORM[self.mode]
 
     @property
     def has_statistics(self) -> bool:
@@ -274,7 +266,7 @@ class IntraBatchAttention(nn.Module):
 
     def _eval_term(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sa: torch.Tensor) -> torch.Tensor | None:
         """``IBA_eval`` from the training statistics only (None: self-attention alone)."""
-        form = self.resolved_eval_form
+        form = _check_eval_form(self.eval_form, self.mode)  # the attributes may have been changed since __init__
         if form == "sa" or not self.has_statistics:
             return None
         if self.running_k.shape[1] != q.shape[2]:
