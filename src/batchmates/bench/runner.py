@@ -29,6 +29,7 @@ BENCH_GROUPS: dict[str, tuple[str, ...]] = {
     "losses": ("supcon", "barlow_twins", "swav", "cc_loss"),
     "modules": ("batch_attention", "batch_transformer"),
     "curation": ("curation",),
+    "train": ("train",),  # the whole training step against a bare loop (framework overhead, aug, bf16, compile)
 }
 
 
