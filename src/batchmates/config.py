@@ -20,6 +20,9 @@ Library choices:
 * ``RunConfig.resolve()`` without a method class asks the method registry, which installs itself here
   (:func:`set_method_lookup`) when :mod:`batchmates.methods` is imported: this floor never imports the methods.
 * Old ``config.yaml`` files keep loading: fields are only ever added (with defaults), never renamed or removed.
+* ``precision="auto"`` (the default) resolves, on the machine that resolves the config, to ``bf16-mixed`` where
+  the device computes bf16 natively and to ``32-true`` elsewhere (:func:`auto_precision`); ``config.yaml`` holds
+  the concrete value.
 * ``backbone_spec`` is written by the run, not by the user: the exact timm/torchvision backbone it built
   (:attr:`batchmates.models.foreign.ForeignBackbone.spec`), so that a checkpoint is rebuilt without re-reading
   ``pretrained_path`` (its weights come from the checkpoint).
@@ -40,11 +43,12 @@ from batchmates.schema import Setting, add_arguments, check_value, declare, fiel
 
 __all__ = ["RunConfig", "Setting", "DataInfo", "Option", "ConfigError", "RunError", "parse_opt_assignments",
            "add_run_arguments", "settings_from_args", "set_method_lookup", "dataset_defaults", "DEFAULT_SETTINGS",
+           "auto_precision", "native_bf16",
            "SETTINGS", "AUTO_SETTINGS", "TYPES",
            "PRECISIONS", "OPTIMIZERS", "LR_RULES", "LOGGERS", "STRATEGIES", "ACCELERATORS", "PROTOCOLS", "EVAL_MODES",
            "CONFIG_FILE", "METRICS_FILE", "CKPT_FILE"]
 
-PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
+PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed")
 OPTIMIZERS = ("sgd", "adamw", "lars")
 LR_RULES = ("none", "linear", "sqrt")
 LOGGERS = ("tensorboard", "csv", "wandb")
@@ -73,8 +77,8 @@ class RunConfig:
     """Every setting of one training run. ``None`` in an auto setting means "the method's default for this dataset"."""
 
     method: str = _s("ce", "method to train (see `batchmates methods`), e.g. ce", _D, metavar="METHOD")
-    data: str = _s("digits", "dataset: digits, fashion-mnist, cifar10, cifar100, stl10, flowers102, imagefolder:PATH "
-                   "(see `batchmates data list`)", _D, metavar="DATA")
+    data: str = _s("digits", "dataset: digits, fashion-mnist, cifar10, cifar100, stl10, flowers102, imagefolder:PATH, "
+                   "imagefolder-unlabeled:PATH (see `batchmates data list`)", _D, metavar="DATA")
     data_dir: str | None = _s(None, "where the dataset files are (else $BATCHMATES_DATA, system paths, cache)", _D)
     download: bool = _s(False, "download missing files where possible", _D)
     backbone: str | None = _s(None, "cnn, resnet-small, resnet18, vit-tiny, vit-tiny-conv, or timm:NAME / "
@@ -108,7 +112,8 @@ class RunConfig:
     seed: int = _s(0, "random seed (data order, init, augmentation)", _O, minimum=0)
     out: str = _s("runs/run", "run directory (config.yaml, metrics.json, last.ckpt, curves.png, tb/)", _OUT,
                   shown="runs/METHOD-DATA")
-    precision: str = _s("32-true", "numeric precision", _H, choices=PRECISIONS)
+    precision: str = _s("auto", "numeric precision; auto: bf16-mixed where the device computes bf16 natively (CUDA "
+                        "with bf16, a CPU with AVX512-BF16 or AMX), else 32-true", _H, choices=PRECISIONS)
     accelerator: str = _s("auto", "device type", _H, choices=ACCELERATORS)
     devices: int = _s(1, "devices/processes per node (DDP when > 1 with --strategy ddp)", _H, minimum=1)
     num_nodes: int = _s(1, "machines (torchrun --nnodes); the global batch is split over num_nodes x devices", _H,
@@ -210,6 +215,8 @@ class RunConfig:
         changes = {name: defaults[name] for name in AUTO_SETTINGS if getattr(self, name) is None and name in defaults}
         if self.attn_layer is None and "attn_layer" not in changes:
             changes["attn_layer"] = "none"
+        if self.precision == "auto":
+            changes["precision"] = auto_precision(self.accelerator)
         cfg = self.replace(**changes)
         for name in AUTO_SETTINGS:
             if getattr(cfg, name) is None:
@@ -299,6 +306,38 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
 def dataset_defaults(data: str) -> dict[str, Any]:
     """A copy of the auto-setting defaults for dataset ``data`` (the ``"*"`` row for datasets not listed)."""
     return dict(DEFAULT_SETTINGS[data if data in DEFAULT_SETTINGS else "*"])
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` (``"cpu"``, ``"cuda"``, ...) computes bf16 natively: CUDA with bf16 support, or a
+    CPU whose flags (Linux ``/proc/cpuinfo``) include ``avx512_bf16`` or ``amx_bf16``. Other CPUs would emulate
+    bf16 and run slower than fp32."""
+    if device_type == "cuda":
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(accelerator: str = "auto") -> str:
+    """What ``precision="auto"`` resolves to on this machine: ``"bf16-mixed"`` (autocast, fp32 master weights)
+    where the accelerator computes bf16 natively (:func:`native_bf16`), else ``"32-true"``. Library choice,
+    measured with ``batchmates bench train`` (bf16 vs fp32 images/s, and final accuracy within seed noise)."""
+    kind = accelerator
+    if accelerator == "auto":
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if kind in ("gpu", "cuda") else kind
+    return "bf16-mixed" if native_bf16(kind) else "32-true"
 
 
 # ---------------------------------------------------------------------------------------------- method look-up

@@ -11,7 +11,7 @@ Library choices:
   equals the uninterrupted run's. It also reads the state that runs written before this module existed stored
   under their callback's old name.
 * :class:`Throughput` logs images per second (global batch over the wall time between two step starts,
-  exponential moving average with weight 0.1) to the progress bar.
+  exponential moving average with weight 0.1) to the progress bar, every ``log_every_n_steps`` steps.
 * :class:`StepSeeding` re-seeds torch before every training step from ``(seed, global_step, rank)``
   (:func:`batchmates.seeding.step_seed`): the randomness of a step does not depend on the steps before it, so a
   run resumed mid-epoch reproduces the uninterrupted one.
@@ -170,7 +170,7 @@ def _batch_size(batch: Any) -> int:
 
 
 class Throughput(L.Callback):
-    """Logs ``img_per_s`` (global images per second, smoothed) on the progress bar at every training step."""
+    """Logs ``img_per_s`` (global images per second, smoothed) on the progress bar every ``log_every_n_steps``."""
 
     def __init__(self, smoothing: float = 0.1) -> None:
         self.smoothing = smoothing
@@ -190,7 +190,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.rate is not None:
+        # every log_every_n_steps steps only: a Lightning log call costs about as much as a small model's step on a CPU
+        if self.rate is not None and trainer.global_step % max(1, int(trainer.log_every_n_steps or 1)) == 0:
             pl_module.log("img_per_s", self.rate, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
 
 
