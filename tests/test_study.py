@@ -191,3 +191,15 @@ def test_study_runs_skips_resumes_and_regenerates_the_same_report(tmp_path):
     assert again["runs_finished"] == 6
     assert again["variants"]["attn/ce+se"]["runs"]["0"] == json.loads(first["results.json"])["variants"][
         "attn/ce+se"]["runs"]["0"]
+
+
+def test_cli_study_report_only_trains_nothing(tmp_path, capsys):
+    from batchmates.cli import main
+
+    out = tmp_path / "out"
+    assert main(["study", _write(tmp_path), "--out", str(out), "--report", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 of 6 runs finished" in printed and printed.count("inconclusive") == 2
+    assert not any(out.glob("*/*/seed*/config.yaml"))  # no run was started
+    assert "Runs not finished yet (6)" in (out / "results.md").read_text()
+    assert main(["study", _write(tmp_path), "--out", str(out), "--jobs", "0"]) == 2

@@ -152,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severity", action="append", type=int, help="corruption severity 1-5 (repeatable; default all)")
     _add_run_args(p, single=False)
 
+    p = sub.add_parser(
+        "study", help="run a study (variants x shared seeds) and report each claim with a verdict",
+        formatter_class=_Formatter,
+        description="Train every variant of the study FILE for every seed into OUT/<variant>/seed<k> (skipping "
+                    "finished runs, resuming interrupted ones), then write OUT/results.json, OUT/results.md and "
+                    "plots: per variant mean ± 95% CI; per claim the paired difference to its baseline with its CI, "
+                    "ttest_rel and Wilcoxon p-values and a verdict (reproduced, not reproduced, inconclusive). The "
+                    "report is rewritten after every run; on a finished OUT nothing trains and the same report is "
+                    "written. Settings: file < flags < variant.",
+        epilog=_epilog("""
+            examples:
+              batchmates study docs/study/fashion-mnist.yaml --out docs/results/fashion-mnist --threads 1 --jobs 2
+              batchmates study docs/study/fashion-mnist.yaml --out docs/results/fashion-mnist --report
+              batchmates study docs/study/engine-precision.yaml --out runs/prec --seeds 2 --epochs 1
+            """),
+    )
+    p.add_argument("file", metavar="FILE", help="a study file: variants, settings, seeds, claims (see "
+                   "batchmates.training.study)")
+    p.add_argument("--out", required=True, help="the study's directory (one run directory per variant and seed)")
+    p.add_argument("--seeds", help="instead of the file's seeds: a count N (seeds 0..N-1) or a list like 0,3,7")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained side by side in separate processes (give each "
+                   "--threads)")
+    p.add_argument("--report", action="store_true", help="train nothing: write the report of the finished runs")
+    add_run_arguments(p, exclude=("method", "seed", "out"))
+
     p = sub.add_parser("data", help="datasets: `batchmates data list`", formatter_class=_Formatter,
                        description="Show each dataset, whether its files are present, where, and its size.",
                        epilog="examples:\n  batchmates data list\n  batchmates data list --data-dir ~/data\n")
@@ -336,6 +361,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if res["failed"] else 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from batchmates.training.study import run_study
+
+    if args.jobs < 1:
+        raise CLIError(f"--jobs must be >= 1 (got {args.jobs})")
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+    seeds = list(range(seeds)) if isinstance(seeds, int) else seeds
+    res = run_study(args.file, args.out, seeds=seeds, jobs=args.jobs, overrides=settings_from_args(args),
+                    report_only=args.report)
+    for c in res["claims"]:
+        print(f"[study] {c['verdict']:>15}: {c['claim']}")
+    print(f"[study] {res['runs_finished']} of {res['runs_planned']} runs finished; report in "
+          f"{os.path.join(args.out, 'results.md')}")
+    return 1 if any("failed" in m for m in res["missing"]) else 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command != "list":
         raise CLIError("usage: batchmates data list [--data-dir DIR]")
@@ -396,7 +437,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "study": cmd_study, "data": cmd_data,
             "methods": cmd_methods, "bench": cmd_bench, "export": cmd_export, "embed": cmd_embed}
 
 
