@@ -216,7 +216,9 @@ class IntraBatchAttention(nn.Module):
             new = new.detach()[-self.bank_size :].to(buf.dtype)
             if not self._store(buf, new, "banked keys/values"):
                 kept = torch.cat([buf, new])[-self.bank_size :]
-                buf.resize_(kept.shape).copy_(kept)
+                if kept.shape != buf.shape:  # the bank is still filling up; once full its shape is fixed
+                    buf.resize_(kept.shape)
+                buf.copy_(kept)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
