@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     pl = dsub.add_parser("list", help="list datasets and where their files are", formatter_class=_Formatter,
                          description="List every dataset: present or not, location, size, how to get it.")
-    pl.add_argument("--data-dir", help="also look here")
+    pl.add_argument("--data-dir", help="look only here (as --data-dir of train does)")
 
     p = sub.add_parser("methods", help="list registered methods and their options", formatter_class=_Formatter,
                        description="List every registered method (supervised or not, batch-relational or not), "
