@@ -275,7 +275,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if extra or opts or args.config:
             raise CLIError(f"--resume DIR continues DIR/config.yaml unchanged; drop {sorted(extra) or ['--opt']} "
                            "(or start a new run with --config DIR/config.yaml --out NEW)")
-        check_resume_dir(args.resume)  # before the heavy imports
+        if notice := check_resume_dir(args.resume, reevaluate=args.reevaluate):  # before the heavy imports
+            print(notice)  # a finished run is left alone
+            return 0
         from batchmates.training.run import resume
 
         resume(args.resume, reevaluate=args.reevaluate, **{k: given[k] for k in ("progress", "threads") if k in given})

@@ -178,8 +178,9 @@ def check_cli_compare(variants: object, data: str, method_options: dict[str, dic
     check_out_dir(out)
 
 
-def check_resume_dir(run_dir: str) -> None:
-    """``--resume DIR`` holds a run: its config and a complete checkpoint (or it finished)."""
+def check_resume_dir(run_dir: str, *, reevaluate: bool = False) -> str:
+    """``--resume DIR`` holds a run: its config and a complete checkpoint (or it finished). Returns what to tell
+    the user when the run finished and is left alone (not ``reevaluate``), else ``""``."""
     from batchmates.config import CKPT_FILE, CONFIG_FILE
 
     check_run_dir(run_dir, flag="--resume", need_checkpoint=False)
@@ -190,10 +191,12 @@ def check_resume_dir(run_dir: str) -> None:
     if not os.path.exists(os.path.join(run_dir, CKPT_FILE)):
         raise RunError(f"--resume {run_dir!r}: no {CKPT_FILE} yet (the run stopped before its first checkpoint); "
                        "start it again without --resume")
-    from batchmates.training.rundir import is_finished
+    from batchmates.training.rundir import finished_notice, is_finished
 
-    if not is_finished(run_dir):  # a finished run is left alone, so its checkpoint is not needed
-        check_checkpoint_file(os.path.join(run_dir, CKPT_FILE))
+    if is_finished(run_dir) and not reevaluate:  # left alone, so its checkpoint is not needed
+        return finished_notice(run_dir)
+    check_checkpoint_file(os.path.join(run_dir, CKPT_FILE))
+    return ""
 
 
 def check_run_dir(run_dir: str, *, flag: str = "DIR", need_checkpoint: bool = True) -> None:

@@ -45,6 +45,7 @@ from batchmates.training.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     RunError,
+    finished_notice,
     is_finished,
     load_run,
     run_lock,
@@ -359,12 +360,9 @@ def resume(run_dir: str, *, verbose: bool = True, backbone: Any = None, reevalua
                        "start it again without --resume")
     check_config_file(cfg_path)
     if is_finished(run_dir) and not reevaluate:
-        metrics = read_json(os.path.join(run_dir, METRICS_FILE), {})
         if verbose:
-            print(f"{run_dir} is a finished run ({metrics.get('epochs_done', '?')} epochs, {metrics.get('steps', '?')} "
-                  "steps); nothing to resume, nothing changed. Pass --reevaluate to evaluate it again, or start a new "
-                  f"run with --config {cfg_path} --out NEW_DIR.", flush=True)
-        return metrics
+            print(finished_notice(run_dir), flush=True)
+        return read_json(os.path.join(run_dir, METRICS_FILE), {})
     check_checkpoint_file(ckpt)
     cfg = RunConfig.from_yaml(cfg_path).replace(out=run_dir, **overrides)
     return train(cfg, resume_from=ckpt, verbose=verbose, backbone=backbone)

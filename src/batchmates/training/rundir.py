@@ -31,7 +31,7 @@ from batchmates.config import CKPT_FILE, CONFIG_FILE, METRICS_FILE, RunConfig, R
 from batchmates.io import atomic_write_text, read_json
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CKPT_FILE", "LOCK_FILE", "RunError", "load_run", "read_config",
-           "read_metrics", "is_finished", "has_checkpoint", "write_metrics_csv", "run_lock"]
+           "read_metrics", "is_finished", "finished_notice", "has_checkpoint", "write_metrics_csv", "run_lock"]
 
 LOCK_FILE = ".lock"
 
@@ -53,6 +53,14 @@ def is_finished(run_dir: str) -> bool:
     """Whether the run in ``run_dir`` completed (its ``metrics.json`` says ``finished``)."""
     m = read_metrics(run_dir)
     return bool(m and m.get("finished"))
+
+
+def finished_notice(run_dir: str) -> str:
+    """What ``--resume`` of the finished run in ``run_dir`` says (it changes nothing)."""
+    m = read_metrics(run_dir) or {}
+    return (f"{run_dir} is a finished run ({m.get('epochs_done', '?')} epochs, {m.get('steps', '?')} steps); nothing "
+            "to resume, nothing changed. Pass --reevaluate to evaluate it again, or start a new run with --config "
+            f"{os.path.join(run_dir, CONFIG_FILE)} --out NEW_DIR.")
 
 
 def has_checkpoint(run_dir: str) -> bool:
