@@ -303,9 +303,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.pretty import Pretty
 
-    from batchmates.training.preflight import check_run_dir
+    from batchmates.training.preflight import check_device, check_run_dir
 
     check_run_dir(args.run_dir, flag="eval DIR")  # before the heavy imports
+    check_device(args.device)  # imports torch, not Lightning
     from batchmates.training.evaluate import evaluate
     from batchmates.training.progress import EvalProgress
 
