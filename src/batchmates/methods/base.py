@@ -53,9 +53,10 @@ Library choices: backbone creation (:func:`batchmates.models.create_backbone` wi
 augmentation on the training device (uint8 batch in, normalised float views out), SGD-momentum/AdamW with linear
 warm-up then per-step cosine decay, validation/test top-1 of ``classify`` (on the clean, normalised test images,
 in eval mode, with every batch-relational module in its ``eval_mode``, ``"independent"`` by default), logging of
-loss and accuracy, and :meth:`Method.from_checkpoint` (rebuilds a trained method from the config and dataset
-facts every checkpoint stores, without loading the dataset). The trainer adds per-step seeding and throughput
-as callbacks (:mod:`batchmates.training.callbacks`).
+loss and accuracy (epoch means as running sums on the device, logged once per epoch:
+:mod:`batchmates.methods.train_metrics`), and :meth:`Method.from_checkpoint` (rebuilds a trained method from the
+config and dataset facts every checkpoint stores, without loading the dataset). The trainer adds per-step seeding
+and throughput as callbacks (:mod:`batchmates.training.callbacks`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from batchmates.config import CKPT_FILE, DEFAULT_SETTINGS, ConfigError, DataInfo
 from batchmates.config import dataset_defaults as _dataset_defaults
 from batchmates.io import verify_checkpoint
 from batchmates.methods.registry import get_method
+from batchmates.methods.train_metrics import EpochMeans
 from batchmates.models import set_eval_mode
 from batchmates.seeding import step_seed
 
@@ -214,6 +216,7 @@ class Method(L.LightningModule):
         self.backbone = self.build_backbone()
         self.train_augment = self.build_train_augment()
         self.steps_per_epoch: int | None = None  # optimiser steps per epoch; set by the trainer (run.py)
+        self.train_means = EpochMeans()  # running sums of log_train's values, logged at the epoch's last step
 
     def resolve_option(self, key: str, value: Any) -> Any:
         """Record the concrete ``value`` an automatic option (e.g. ``0`` = "the feature width") resolved to.
@@ -230,9 +233,8 @@ class Method(L.LightningModule):
     def resolved_config(self) -> RunConfig:
         """The run config with every option as this method resolved it (no automatic values left) and the spec of
         a timm/torchvision backbone (``backbone_spec``), so that it rebuilds without ``pretrained_path``."""
-        spec = getattr(self.backbone, "spec", None)
-        return self.cfg.replace(options=dict(self.opts),
-                                backbone_spec=dict(spec) if isinstance(spec, dict) else self.cfg.backbone_spec)
+        spec = getattr(self.backbone, "spec", None)  # batchmates' own backbones have none (a stale one is dropped)
+        return self.cfg.replace(options=dict(self.opts), backbone_spec=dict(spec) if isinstance(spec, dict) else None)
 
     def build_backbone(self) -> nn.Module:
         """The feature extractor (``forward(x) -> [N, feature_dim]``); default from the run's backbone setting."""
@@ -294,14 +296,39 @@ class Method(L.LightningModule):
 
     def log_train(self, loss: torch.Tensor, *, batch_size: int, acc: torch.Tensor | float | None = None,
                   **extra: torch.Tensor | float) -> None:
-        """Log the training loss (and accuracy, and extra per-epoch metrics) to the progress bar and the loggers."""
-        self.log("train/loss", loss.detach().float(), prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=batch_size, sync_dist=True)
-        if acc is not None:
-            self.log("train/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size,
-                     sync_dist=True)
-        for k, v in extra.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        """Record a step's training loss (and accuracy, and extra per-epoch metrics) for the progress bar and loggers.
+
+        The epoch means (``train/loss_epoch``, ``train/acc``, ``train/<extra>``) are kept as running sums on the
+        device (:class:`~batchmates.methods.train_metrics.EpochMeans`) and logged once, at the epoch's last step;
+        the step loss (``train/loss_step``) is logged every ``log_every_n_steps`` steps. Called outside a trainer,
+        every value is logged at once under ``train/<name>``.
+        """
+        values = {"loss": loss, **({} if acc is None else {"acc": acc}), **extra}
+        if self._trainer is None:
+            for k, v in values.items():
+                self.log(f"train/{k}", v.detach().float() if torch.is_tensor(v) else v, batch_size=batch_size)
+            return
+        self.train_means.add(batch_size, values, self.device)
+        every = int(self.trainer.log_every_n_steps or 0)  # the steps whose values the loggers write (Lightning's rule)
+        if every > 0 and (self.trainer.global_step + 1) % every == 0:
+            self.log("train/loss_step", loss.detach().float(), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=batch_size)
+
+    def log_train_epoch(self, *, batch_size: int, **values: torch.Tensor | float) -> None:
+        """Add per-epoch training metrics without a loss (e.g. the statistics of a skipped step)."""
+        if self._trainer is None:
+            for k, v in values.items():
+                self.log(f"train/{k}", v, batch_size=batch_size)
+            return
+        self.train_means.add(batch_size, values, self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At the epoch's last step (or the run's, under ``max_steps``): log the epoch means, synced over ranks."""
+        trainer = self.trainer
+        if batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= trainer.global_step:
+            for k, (mean, n) in self.train_means.pop().items():
+                self.log("train/loss_epoch" if k == "loss" else f"train/{k}", mean, prog_bar=k in ("loss", "acc"),
+                         on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]
@@ -359,6 +386,10 @@ class Method(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["batchmates"] = {"cfg": self.resolved_config.to_dict(), "info": self.info.to_dict(),
                                     "method": self.name}
+        checkpoint["batchmates_train_means"] = self.train_means.state_dict()  # a mid-epoch checkpoint's sums
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.train_means.load_state_dict(checkpoint.get("batchmates_train_means") or {})
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

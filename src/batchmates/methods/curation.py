@@ -414,9 +414,7 @@ class CurationMixin:
         if not self._curation_skip:
             self.log_train(loss, batch_size=batch_size, **extra)  # type: ignore[attr-defined]
             return
-        for k, v in extra.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=batch_size,  # type: ignore
-                     sync_dist=True)
+        self.log_train_epoch(batch_size=batch_size, **extra)  # type: ignore[attr-defined]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A skipped step: no gradient reaches ``optimizer.step()``, so weights and optimiser state stay put."""
