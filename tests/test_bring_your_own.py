@@ -197,3 +197,9 @@ def test_export_of_an_ibaformer_timm_vit_rebuilds_with_its_conversion(tmp_path, 
     x = model.normalize(digits.test.images[:6])
     with torch.no_grad():
         torch.testing.assert_close(again(x), model.embed(x))
+
+
+def test_a_rerun_with_an_own_backbone_drops_the_recorded_foreign_spec(digits) -> None:
+    spec = {"source": "timm", "name": "resnet18", "in_channels": 1, "image_size": 8}
+    cfg = RunConfig(method="ce", backbone="cnn", backbone_spec=spec).resolve()  # e.g. --config old.yaml --backbone cnn
+    assert get_method("ce")(cfg, DataInfo.from_splits(digits)).resolved_config.backbone_spec is None
