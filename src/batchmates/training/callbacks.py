@@ -128,14 +128,19 @@ def _epoch_sums(trainer: L.Trainer | None) -> dict[str, Any] | None:
                   and (m.meta.is_mean_reduction or m.meta.is_sum_reduction))
     if not keys:
         return None
+    # float64 on the metrics' device (NCCL gathers CUDA tensors only); a sum-reduced metric has no count
     value = torch.stack([results[k].value.detach().double().reshape(()) for k in keys])
-    count = torch.stack([getattr(results[k], "cumulated_batch_size", torch.tensor(0)).detach().double().reshape(())
-                         for k in keys])
+    count = torch.stack([_count(results[k]) for k in keys]).to(value.device)
     if trainer.world_size > 1:
         value, count = (trainer.strategy.all_gather(t).reshape(trainer.world_size, len(keys)) for t in (value, count))
     else:
         value, count = value.unsqueeze(0), count.unsqueeze(0)
     return {"epoch": int(trainer.current_epoch), "keys": keys, "value": value.cpu(), "count": count.cpu()}
+
+
+def _count(metric: Any) -> torch.Tensor:
+    c = getattr(metric, "cumulated_batch_size", None)  # mean reductions only
+    return (c if c is not None else torch.zeros((), device=metric.value.device)).detach().double().reshape(())
 
 
 def _add_epoch_sums(trainer: L.Trainer, sums: dict[str, Any]) -> None:
