@@ -11,6 +11,10 @@ resumed fit (``FitLoop.setup_data``). Lightning does not prefetch from loaders t
 recorded "batches already yielded" is exactly the number of batches trained on, and the resumed epoch
 continues with the next batch. Lightning also calls ``loader.sampler.set_epoch(epoch)`` at every epoch start.
 
+The images may live on the training device (``InMemoryImages(images.cuda(), labels.cuda())``): the batches are
+then sliced there, with no host-to-device copy per step (the trainer does this on a GPU, see
+:mod:`batchmates.training.data`).
+
 Distributed: each rank takes the strided share ``perm[rank::world]`` of the (padded or trimmed) epoch
 permutation and cuts it into batches of ``batch_size`` (a per-rank batch size, as with a torch DataLoader and
 ``DistributedSampler``). With the strided split, the union of the ranks' k-th batches is exactly the k-th
@@ -206,6 +210,8 @@ class InMemoryBatchLoader:
         self._yielded = start
         idx = self.sampler.indices()
         images, labels = self.dataset.images, self.dataset.labels
+        if images.device != idx.device:  # a set held on the training device: index it there (no copies per batch)
+            idx = idx.to(images.device)
         for b in range(start, n_batches):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             self._yielded = b + 1

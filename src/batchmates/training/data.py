@@ -7,6 +7,8 @@ Library choices:
 * The training loader draws the global batch ``cfg.batch_size`` split evenly over the ``devices x num_nodes`` ranks,
   shuffled by ``(seed, epoch)``, and drops the last incomplete batch so batch-relational losses always see full
   batches. Its position is part of the checkpoint (exact mid-epoch resume).
+* On a CUDA device, in-memory splits are moved to the device once and the loaders slice batches there (no
+  host-to-device copy per step).
 * The "validation" loader is the whole test split on every rank, in order (these benchmarks have no separate
   validation split).
 * Symmetric label noise (:func:`apply_label_noise`): exactly ``round(fraction·N)`` training labels, chosen by the
@@ -118,17 +120,33 @@ class RunDataModule(L.LightningDataModule):
     def _extra(self, split: Any) -> dict[str, Any]:
         return {} if hasattr(split, "images") else {"num_workers": self.cfg.num_workers}
 
+    def _on_device(self, split: Any) -> Any:
+        """An in-memory split moved to this process's CUDA device when training there (the data then stays on the
+        device: no copy per step); anything else unchanged."""
+        import torch
+
+        from batchmates.data.datasets import InMemoryImages
+
+        if (not isinstance(split, InMemoryImages) or self.cfg.accelerator not in ("auto", "gpu", "cuda")
+                or not torch.cuda.is_available() or split.images.device.type == "cuda"):
+            return split
+        dev = torch.device("cuda", torch.cuda.current_device())
+        cache = self.__dict__.setdefault("_device_splits", {})
+        if (id(split), dev) not in cache:
+            cache[(id(split), dev)] = type(split)(split.images.to(dev), split.labels.to(dev))
+        return cache[(id(split), dev)]
+
     def train_dataloader(self) -> Any:
         from batchmates.data import make_loader
 
-        cfg, train = self.cfg, self.train_split
+        cfg, train = self.cfg, self._on_device(self.train_split)
         return make_loader(train, cfg.batch_size // self.world_size, shuffle=True, drop_last=True, seed=cfg.seed,
                            **self._extra(train))
 
     def val_dataloader(self) -> Any:
         from batchmates.data import make_loader
 
-        cfg, test = self.cfg, self.splits.test
+        cfg, test = self.cfg, self._on_device(self.splits.test)
         extra = {"num_replicas": 1, "rank": 0} if hasattr(test, "images") else self._extra(test)
         loader = make_loader(test, max(cfg.batch_size // self.world_size, 256), shuffle=False, drop_last=False,
                              seed=cfg.seed, **extra)
