@@ -197,6 +197,8 @@ def test_cli_study_report_only_trains_nothing(tmp_path, capsys):
     from batchmates.cli import main
 
     out = tmp_path / "out"
+    assert main(["study", _write(tmp_path), "--out", str(out), "--dry-run", "--threads", "1"]) == 0
+    assert "dry run: 6 runs planned, 6 to train" in capsys.readouterr().out and not out.exists()
     assert main(["study", _write(tmp_path), "--out", str(out), "--report", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
     assert "0 of 6 runs finished" in printed and printed.count("inconclusive") == 2

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side in separate processes (give each "
                    "--threads)")
     p.add_argument("--report", action="store_true", help="train nothing: write the report of the finished runs")
+    p.add_argument("--dry-run", action="store_true", help="check and print the plan (every run resolved, every "
+                   "variant built once); train and write nothing")
     add_run_arguments(p, exclude=("method", "seed", "out"))
 
     p = sub.add_parser("data", help="datasets: `batchmates data list`", formatter_class=_Formatter,
@@ -372,7 +374,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
     seeds = list(range(seeds)) if isinstance(seeds, int) else seeds
     res = run_study(args.file, args.out, seeds=seeds, jobs=args.jobs, overrides=settings_from_args(args),
-                    report_only=args.report)
+                    report_only=args.report, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     for c in res["claims"]:
         print(f"[study] {c['verdict']:>15}: {c['claim']}")
     print(f"[study] {res['runs_finished']} of {res['runs_planned']} runs finished; report in "

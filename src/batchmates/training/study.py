@@ -207,13 +207,14 @@ def _run_one(plan: RunPlan, severities: list[int] | None, verbose: bool) -> tupl
 
 
 def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: int = 1,
-              overrides: dict[str, Any] | None = None, report_only: bool = False, verbose: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              overrides: dict[str, Any] | None = None, report_only: bool = False, dry_run: bool = False,
+              verbose: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the study in ``path`` into ``out`` and write its report; return ``results.json``'s content.
 
     ``seeds`` overrides the file's seeds; ``overrides`` are run settings over the file's (``threads``, ...);
     ``jobs`` runs train side by side in separate processes. Runs already finished are skipped; interrupted ones
-    resume from their checkpoint. ``report_only``: train nothing, report the finished runs.
+    resume from their checkpoint. ``report_only``: train nothing, report the finished runs. ``dry_run``: resolve
+    and check every run, build every pending variant once, log the plan, and write nothing (returns the plan).
     """
     from batchmates.training.study_report import write_report
 
@@ -223,6 +224,8 @@ def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: 
     study = load_study(path)
     plans = [p if p.corruptions or not _wants_corruptions(study, p) else _with_corruptions(p)
              for p in plan_study(study, out, seeds=seeds, overrides=overrides)]
+    if dry_run:
+        return _dry_run(plans, log)
     os.makedirs(out, exist_ok=True)
     pending = [] if report_only else [p for p in plans if not _finished(p)]
     if pending:
@@ -256,6 +259,25 @@ def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: 
                     status, action = "failed", f"failed: {type(e).__name__}: {e}"
                 done(futures[fut], status, action)
     return write_report(study, plans, out, failed)
+
+
+def _dry_run(plans: list[RunPlan], log: Callable[[str], None]) -> dict[str, Any]:
+    """Check and describe the plan without training or writing anything."""
+    pending = [p for p in plans if not _finished(p)]
+    if pending:
+        check_builds(pending)
+    by: dict[str, list[RunPlan]] = {}
+    for p in plans:
+        by.setdefault(p.variant.name, []).append(p)
+    for name, ps in by.items():
+        c = ps[0].cfg
+        todo = sum(p in pending for p in ps)
+        log(f"[study] {name}: {c.method} {c.backbone} {c.epochs} ep (max_steps {c.max_steps}) bs {c.batch_size} "
+            f"{c.optimizer} lr {c.lr:g} {c.precision} {c.accelerator}"
+            f"{', corruptions' if ps[0].corruptions else ''}: {todo} of {len(ps)} runs to train")
+    log(f"[study] dry run: {len(plans)} runs planned, {len(pending)} to train; nothing was trained or written")
+    return {"runs_planned": len(plans), "runs_pending": len(pending),
+            "variants": {n: [p.cfg.out for p in ps] for n, ps in by.items()}}
 
 
 def _wants_corruptions(study: Study, plan: RunPlan) -> bool:
