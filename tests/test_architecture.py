@@ -175,7 +175,7 @@ FLOORS: dict[str, int] = {
     # 4: the trainer, benchmarks, test helpers, export
     "training": 4, "bench": 4, "testing": 4, "export": 4,
     # 5: the command line
-    "cli": 5, "__main__": 5,
+    "cli": 5, "cli_takeout": 5, "__main__": 5,
 }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchmates.bench.runner import BENCH_GROUPS  # the group table, for the `bench` choices (imports no torch)
+from batchmates.cli_takeout import TAKEOUT_COMMANDS, add_takeout_parsers  # export, embed (no torch)
 from batchmates.config import PROTOCOLS, add_run_arguments, settings_from_args  # the run-setting schema (no torch)
 
 __all__ = ["main", "build_parser"]
@@ -211,38 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-docs", action="store_true", help="write the repository's tracked results (bench/*.json "
                    "and docs/benchmarks.md) instead of a run directory")
 
-    p = sub.add_parser(
-        "export", help="write a run's backbone (safetensors or ONNX) with a JSON card", formatter_class=_Formatter,
-        description="Write the trained backbone of DIR alone (no head or classifier) and a JSON card beside it "
-                    "(architecture, input size, normalisation, the run's metrics). A timm/torchvision backbone keeps "
-                    "its original key names: it loads with strict=True into timm.create_model(NAME, num_classes=0).",
-        epilog=_epilog("""
-            examples:
-              batchmates export runs/supcon
-              batchmates export runs/supcon --format onnx --out model.onnx
-            """),
-    )
-    p.add_argument("run_dir", metavar="DIR", help="a directory written by `batchmates train`")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"], help="file format")
-    p.add_argument("--out", metavar="FILE", help="output file (default: DIR/export/backbone.safetensors or .onnx)")
-
-    p = sub.add_parser(
-        "embed", help="write a run's embeddings of a dataset split (.npy, .npz, .parquet)", formatter_class=_Formatter,
-        description="Embed every image of a split with the run's backbone (eval mode, as `batchmates eval`) and "
-                    "write features [N, D] and labels [N].",
-        epilog=_epilog("""
-            examples:
-              batchmates embed runs/supcon --split test --out test.npz
-              batchmates embed runs/supcon --data digits --split train --out train.parquet
-            """),
-    )
-    p.add_argument("run_dir", metavar="DIR", help="a directory written by `batchmates train`")
-    p.add_argument("--data", help="dataset (default: the run's); resized to the run's image size")
-    p.add_argument("--data-dir", help="where the dataset files are")
-    p.add_argument("--split", default="test", choices=["train", "test", "unlabeled"], help="which split")
-    p.add_argument("--out", required=True, metavar="FILE", help="FILE.npy (labels in FILE.labels.npy), .npz or "
-                   ".parquet")
-    p.add_argument("--device", default="cpu", help="device for feature extraction, e.g. cpu or cuda")
+    add_takeout_parsers(sub, _Formatter, _epilog)  # export, embed
     return parser
 
 
@@ -429,23 +399,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           doc=doc or os.path.join(out, "benchmarks.md"))
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from batchmates.training.export_run import describe, export_run
-
-    print(describe(export_run(args.run_dir, fmt=args.format, out=args.out)))
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from batchmates.training.export_run import describe, embed_run
-
-    print(describe(embed_run(args.run_dir, out=args.out, data=args.data, split=args.split, data_dir=args.data_dir,
-                             device=args.device)))
-    return 0
-
-
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "study": cmd_study, "data": cmd_data,
-            "methods": cmd_methods, "bench": cmd_bench, "export": cmd_export, "embed": cmd_embed}
+            "methods": cmd_methods, "bench": cmd_bench, **TAKEOUT_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
