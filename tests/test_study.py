@@ -205,3 +205,22 @@ def test_cli_study_report_only_trains_nothing(tmp_path, capsys):
     assert not any(out.glob("*/*/seed*/config.yaml"))  # no run was started
     assert "Runs not finished yet (6)" in (out / "results.md").read_text()
     assert main(["study", _write(tmp_path), "--out", str(out), "--jobs", "0"]) == 2
+
+
+def test_extends_and_variant_settings(tmp_path):
+    from batchmates.training.study import load_study
+
+    _write(tmp_path)
+    (tmp_path / "big.yaml").write_text(
+        "extends: study.yaml\ntitle: bigger\nseeds: 3\nsettings: {epochs: 4, backbone: resnet-small}\n"
+        "variant_settings:\n  'noise/*': {epochs: 7, batch_size: '64'}\n  'attn/*': {options: {reduction: 8}}\n")
+    s = load_study(str(tmp_path / "big.yaml"))
+    assert s.title == "bigger" and s.seeds == [0, 1, 2] and len(s.claims) == 2
+    assert s.settings == {"data": "digits", "epochs": 4, "max_steps": 5, "batch_size": 32,
+                          "eval_protocols": ["accuracy"], "checkpoint_every_n_steps": 0, "backbone": "resnet-small"}
+    v = {x.name: x for x in s.variants}
+    assert v["noise/ce@0.4"].settings == {"label_noise": 0.4, "epochs": 7, "batch_size": 64}
+    assert v["attn/ce+se"].options == {"reduction": 8} and v["base/ce"].settings == {}
+    (tmp_path / "bad.yaml").write_text("extends: study.yaml\nvariant_settings: {'nope/*': {epochs: 2}}\n")
+    with pytest.raises(ConfigError, match="match no variant"):
+        load_study(str(tmp_path / "bad.yaml"))

@@ -20,6 +20,11 @@ A study file is a variants file (:mod:`batchmates.training.variants`: ``settings
       label_noise: {CE: [supervised/ce, noise/ce@0.4]}   # accuracy against each run's label noise
       corruption: [shift/vit-self, shift/vit-miba]       # accuracy against corruption severity
 
+``extends: BASE.yaml`` takes the variants, claims and plots of another study file (relative path) and lays this
+file's keys over it (``settings`` merged key by key); ``variant_settings`` (``{"ssl/*": {epochs: 10}}``, glob
+patterns over variant names) changes the named variants' own settings: a larger budget of the same study is a
+few lines.
+
 A comparison is ``"VARIANT > BASELINE"`` (better) or ``"VARIANT >= BASELINE"`` (at least as good), or a mapping
 ``{variant, baseline, relation, metric, margin}``. Metrics: ``accuracy`` (the method's classifier, or the linear
 probe), ``linear``, ``knn20``, ``knn200``, ``corruptions`` (mean over kinds and severities) and ``corruption@S``
@@ -156,11 +161,53 @@ def _comparisons(cid: str, raw: dict[str, Any], names: set[str], where: str) -> 
     return tuple(out)
 
 
+def _read_study_data(path: str, depth: int = 0) -> dict[str, Any]:
+    """The study file's mapping, with ``extends: BASE`` resolved (the base's keys, this file's on top; ``settings``
+    merged key by key); ``extends`` is relative to this file."""
+    data = read_yaml_mapping(path, "study file")
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    if depth > 4:
+        raise ConfigError(f"study file {path!r}: 'extends' nests more than 4 files deep")
+    base = _read_study_data(os.path.join(os.path.dirname(path), str(data.pop("extends"))), depth + 1)
+    settings = {**(base.get("settings") or {}), **(data.get("settings") or {})}
+    return {**base, **data, "settings": settings}
+
+
+def _patch_variants(variants: list[Variant], patches: Any, path: str) -> list[Variant]:
+    """Apply ``variant_settings`` (``{glob over names: {setting: value, options: {...}}}``, in file order)."""
+    import fnmatch
+
+    from batchmates.training.variants import setting_value
+
+    if not isinstance(patches, dict):
+        raise ConfigError(f"study file {path!r}: variant_settings must map a name pattern to settings, e.g. "
+                          "{'ssl/*': {epochs: 10}}")
+    out = []
+    for v in variants:
+        settings, options = dict(v.settings), dict(v.options)
+        for pattern, patch in patches.items():
+            if fnmatch.fnmatchcase(v.name, str(pattern)):
+                patch = dict(patch or {})
+                options.update(patch.pop("options", None) or {})
+                settings.update(setting_value(k, x, f"study file {path!r}: variant_settings {pattern!r}")
+                                for k, x in patch.items())
+        out.append(Variant(v.name, v.method, settings, options, v.corruptions))
+    matched = {p for p in patches if any(fnmatch.fnmatchcase(v.name, str(p)) for v in variants)}
+    if set(patches) - matched:
+        raise ConfigError(f"study file {path!r}: variant_settings pattern(s) {sorted(set(patches) - matched)} match "
+                          "no variant")
+    return out
+
+
 def load_study(path: str) -> Study:
     """Parse and check a study file (see the module docstring); raises :class:`ConfigError` naming the problem."""
-    data = read_yaml_mapping(path, "study file")
+    data = _read_study_data(path)
     variants, settings, seeds = load_variants_file(path, data=data, flag="study file",
-                                                   extra_keys=("claims", "title", "severities", "plots"))
+                                                   extra_keys=("claims", "title", "severities", "plots",
+                                                               "variant_settings"))
+    if data.get("variant_settings"):
+        variants = _patch_variants(variants, data["variant_settings"], path)
     names = {v.name for v in variants}
     raw_claims = data.get("claims") or {}
     if not isinstance(raw_claims, dict) or not raw_claims:

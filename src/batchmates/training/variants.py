@@ -46,7 +46,8 @@ import yaml
 from batchmates.config import SETTINGS, TYPES, ConfigError, RunConfig
 from batchmates.options import parse_bool
 
-__all__ = ["Variant", "parse_variant", "load_variants_file", "read_yaml_mapping", "variant_dir", "SHORTHANDS"]
+__all__ = ["Variant", "parse_variant", "load_variants_file", "read_yaml_mapping", "setting_value", "variant_dir",
+           "SHORTHANDS"]
 
 #: ``@<prefix><value>`` shorthands of run settings.
 SHORTHANDS: dict[str, str] = {"b": "batch_size", "noise": "label_noise", "ep": "epochs", "steps": "max_steps",
@@ -96,6 +97,12 @@ def _setting(key: str, value: Any, where: str) -> tuple[str, Any]:
         return name, t(text)
     except ValueError:
         raise ConfigError(f"{where}: {key}={value!r} is not a valid {t.__name__}") from None
+
+
+def setting_value(key: str, value: Any, where: str) -> tuple[str, Any]:
+    """``(field name, typed value)`` of run setting ``key`` given as ``value`` (a string is parsed as on the command
+    line); :class:`ConfigError` naming ``where`` for a setting a variant may not set or a bad value."""
+    return _setting(key, value, where)
 
 
 def parse_variant(spec: str) -> Variant:
