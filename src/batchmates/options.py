@@ -52,7 +52,8 @@ class Option:
     """A typed method option (``--opt key=value``): its type, default and one-line help.
 
     ``type`` is one of ``bool``, ``int``, ``float``, ``str``; ``choices`` restricts the allowed values;
-    ``minimum``/``maximum`` bound numbers (inclusive).
+    ``minimum``/``maximum`` bound numbers (inclusive); ``retired`` pairs a value that no longer exists with the
+    message that says what replaced it.
     """
 
     type: type
@@ -61,9 +62,13 @@ class Option:
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    retired: tuple[tuple[str, str], ...] = ()
 
     def parse(self, key: str, value: Any) -> Any:
         """Convert ``value`` (a string from the command line or a YAML scalar) and validate it."""
+        for old, message in self.retired:
+            if str(value).strip() == old:
+                raise ConfigError(message)
         t = self.type
         try:
             if t is bool:

@@ -77,19 +77,11 @@ RENAMED_FRD_GAUSSIAN = (
 )
 
 
-class _CurateOption(Option):
-    """The ``curate`` option: refuses the retired name ``frd-gaussian`` with a message naming its replacements."""
-
-    def parse(self, key: str, value: Any) -> Any:
-        if str(value).strip() == "frd-gaussian":
-            raise ConfigError(RENAMED_FRD_GAUSSIAN)
-        return super().parse(key, value)
-
-
 CURATION_OPTIONS: dict[str, Option] = {
-    "curate": _CurateOption(str, "none", "batch curation (The Bad Batches, arXiv:2403.19579): frd-batch = one "
-                            "Gaussian FRD per batch; frd-pairwise / pair-sq-l2 = per-pair discrete Fréchet / "
-                            "squared L2 distance", choices=CURATE_CHOICES),
+    "curate": Option(str, "none", "batch curation (The Bad Batches, arXiv:2403.19579): frd-batch = one "
+                     "Gaussian FRD per batch; frd-pairwise / pair-sq-l2 = per-pair discrete Fréchet / "
+                     "squared L2 distance", choices=CURATE_CHOICES,
+                     retired=(("frd-gaussian", RENAMED_FRD_GAUSSIAN),)),
     "curate_policy": Option(str, "auto", "auto = drop (per-pair kinds) or skip (frd-batch); per-pair kinds: drop, "
                                          "reweight, resample; frd-batch: skip, reaugment", choices=POLICY_CHOICES),
     "curate_quantile": Option(float, 0.75, "keep this fraction: the lowest-scoring pairs of the global batch "

@@ -59,13 +59,14 @@ def cache_path() -> str:
 def _option_dict(opt: Option) -> dict[str, Any]:
     return {"type": opt.type.__name__, "default": opt.default, "help": opt.help,
             "choices": list(opt.choices) if opt.choices is not None else None,
-            "minimum": opt.minimum, "maximum": opt.maximum}
+            "minimum": opt.minimum, "maximum": opt.maximum, "retired": [list(r) for r in opt.retired]}
 
 
 def _option(d: dict[str, Any]) -> Option:
     return Option(_TYPES[d["type"]], d["default"], d["help"],
                   choices=tuple(d["choices"]) if d["choices"] is not None else None,
-                  minimum=d["minimum"], maximum=d["maximum"])
+                  minimum=d["minimum"], maximum=d["maximum"],
+                  retired=tuple((str(old), str(msg)) for old, msg in d.get("retired", ())))
 
 
 def build_catalog() -> dict[str, Any]:
