@@ -205,3 +205,27 @@ def test_weak_backends_and_their_ops():
         make_augment(28, 1, [0.5], [0.5], "weak", backend="numpy")
     with pytest.raises(ValueError, match="does not fit"):
         PadCropFlip(40, 2)(torch.zeros(1, 1, 28, 28))
+
+
+def test_dataset_crop_padding_reaches_the_weak_augmentation():
+    from batchmates.config import DataInfo, RunConfig
+    from batchmates.methods import get_method
+
+    info = DataInfo("fashion-mnist", 10, 1, 28, (0.3,), (0.35,), crop_padding=2)
+    cfg = RunConfig(method="ce", data="fashion-mnist").resolve()
+    assert get_method("ce")(cfg, info).train_augment.ops[0].padding == 2
+    # a checkpoint written before DataInfo had crop_padding rebuilds the augmentation it trained with
+    old = DataInfo.from_dict({k: v for k, v in info.to_dict().items() if k != "crop_padding"})
+    assert old.crop_padding is None and get_method("ce")(cfg, old).train_augment.ops[0].padding == 4
+
+
+def test_fashion_mnist_crop_padding_scales_with_the_image_size():
+    from batchmates.data import load_dataset
+    from batchmates.data.datasets import DatasetNotFoundError
+    from batchmates.data.datasets.fashion_mnist import CROP_PADDING
+
+    try:
+        native, big = load_dataset("fashion-mnist"), load_dataset("fashion-mnist", image_size=56)
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST files are not on this machine")
+    assert native.crop_padding == CROP_PADDING == 2 and big.crop_padding == 4

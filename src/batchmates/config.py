@@ -262,6 +262,7 @@ class DataInfo:
     std: tuple[float, ...]
     train_size: int | None = None
     hflip: bool = True
+    crop_padding: int | None = None  # the supervised crop's zero padding (None: round(image_size / 8))
 
     @classmethod
     def from_splits(cls, splits: Any) -> DataInfo:
@@ -273,7 +274,8 @@ class DataInfo:
             n = None
         return cls(name=str(splits.name), num_classes=int(splits.num_classes), in_channels=int(splits.in_channels),
                    image_size=int(splits.image_size), mean=tuple(float(m) for m in splits.mean),
-                   std=tuple(float(s) for s in splits.std), train_size=n, hflip=bool(getattr(splits, "hflip", True)))
+                   std=tuple(float(s) for s in splits.std), train_size=n, hflip=bool(getattr(splits, "hflip", True)),
+                   crop_padding=getattr(splits, "crop_padding", None))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

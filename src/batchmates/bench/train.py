@@ -236,7 +236,7 @@ def step_variants(device: torch.device, quick: bool, ctx: dict[str, Any]) -> lis
 
     def aug(backend: str) -> Any:
         return make_augment(info.image_size, info.in_channels, info.mean, info.std, "weak", hflip=info.hflip,
-                            backend=backend).to(device)
+                            padding=info.crop_padding, backend=backend).to(device)
 
     def add(what: str, impl: str, ms: float, extra: dict[str, Any]) -> None:
         rows.append(BenchRow(BENCHMARK, f"{ctx['case']}: {what}", impl, ms, None, str(device),

@@ -254,6 +254,8 @@ class Method(L.LightningModule):
         from batchmates.data.augment import make_augment
 
         kwargs.setdefault("hflip", self.info.hflip)
+        if self.info.crop_padding is not None:  # the dataset's own crop padding (Fashion-MNIST: 2 px)
+            kwargs.setdefault("padding", self.info.crop_padding)
         return make_augment(self.info.image_size, self.info.in_channels, self.info.mean, self.info.std,
                             strength=strength, **kwargs)
 

@@ -122,6 +122,8 @@ class DatasetSplits:
 
     ``mean``/``std`` are per-channel statistics of images scaled to [0, 1] (normalise with
     ``(x / 255 - mean) / std``). ``hflip`` says whether a horizontal flip preserves labels (False for digits).
+    ``crop_padding``: the zero padding of the supervised random crop at this image size (None: the augmentation's
+    default, ``round(size / 8)``).
     ``unlabeled`` is set for STL-10 only.
     """
 
@@ -138,6 +140,7 @@ class DatasetSplits:
     hflip: bool = True
     location: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    crop_padding: int | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -243,8 +246,11 @@ def _finish_in_memory(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     location: str = "",
+    crop_padding: int | None = None,
 ) -> DatasetSplits:
     native = train.images.shape[-1]
+    if crop_padding is not None and image_size is not None:  # the padding scales with the image
+        crop_padding = max(1, round(crop_padding * image_size / native))
     if image_size is not None and image_size != native:
         train = InMemoryImages(_resize_uint8(train.images, image_size), train.labels)
         test = InMemoryImages(_resize_uint8(test.images, image_size), test.labels)
@@ -262,6 +268,7 @@ def _finish_in_memory(
         classes=tuple(classes),
         hflip=hflip,
         location=location,
+        crop_padding=crop_padding,
     )
 
 
