@@ -113,3 +113,48 @@ def test_checkpoint_zero_means_epoch_ends(monkeypatch, tmp_path: Path) -> None:
                                                                  "checkpoint_every_n_steps": 0})
     train(cfg, verbose=False)
     assert steps == [21, 42]
+
+
+KILL_AFTER_SAVE = """import os, signal, sys
+from batchmates.training import checkpoint_io
+save, n = checkpoint_io.AtomicCheckpointIO.save_checkpoint, [0]
+def counting(self, checkpoint, path, storage_options=None):
+    save(self, checkpoint, path, storage_options)
+    n[0] += 1
+    if n[0] == int(os.environ["KILL_AFTER_SAVE"]):
+        os.killpg(os.getpgid(0), signal.SIGKILL)  # the whole run, DDP workers included
+checkpoint_io.AtomicCheckpointIO.save_checkpoint = counting
+from batchmates.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_kill_after_a_mid_epoch_checkpoint_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
+    """2-process DDP (gloo): killed right after the step-10 checkpoint, resumed; weights and rows (each rank's share
+    of the interrupted epoch's mean included) equal the uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "kill_after_save.py"
+    script.write_text(KILL_AFTER_SAVE)
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--method", "ce", "--data", "digits", "--epochs", "1", "--max-steps", "12", "--batch-size", "64",
+            "--checkpoint-every", "5", "--threads", "1", "--no-progress", "--protocol", "accuracy", "--devices", "2",
+            "--strategy", "ddp", "--accelerator", "cpu"]
+
+    def run(out: Path, kill_after: int = 0) -> int:
+        p = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True,
+                           env={**env, "KILL_AFTER_SAVE": str(kill_after)}, timeout=600, start_new_session=True)
+        return p.returncode
+
+    assert run(tmp_path / "ref") == 0
+    assert run(tmp_path / "cut", kill_after=2) == -signal.SIGKILL
+    assert _ckpt(tmp_path / "cut")["global_step"] == 10
+    r = subprocess.run([sys.executable, "-m", "batchmates", "train", "--resume", str(tmp_path / "cut"),
+                        "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_run(tmp_path / "ref", tmp_path / "cut")

@@ -388,10 +388,12 @@ class Method(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["batchmates"] = {"cfg": self.resolved_config.to_dict(), "info": self.info.to_dict(),
                                     "method": self.name}
-        checkpoint["batchmates_train_means"] = self.train_means.state_dict()  # a mid-epoch checkpoint's sums
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        checkpoint["batchmates_train_means"] = self.train_means.state_dict(strategy)  # a mid-epoch checkpoint's sums
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.train_means.load_state_dict(checkpoint.get("batchmates_train_means") or {})
+        rank = int(self._trainer.global_rank) if self._trainer is not None else 0
+        self.train_means.load_state_dict(checkpoint.get("batchmates_train_means") or {}, rank=rank)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

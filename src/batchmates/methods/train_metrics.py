@@ -40,8 +40,26 @@ class EpochMeans:
         sums, self.sums = self.sums, {}
         return {k: (s / n, n) for k, (s, n) in sums.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {k: (s.detach().cpu(), n) for k, (s, n) in self.sums.items()}
+    def state_dict(self, strategy: Any = None) -> dict[str, Any]:
+        """The sums; under DDP (a ``strategy`` with ``world_size > 1``; every rank saves a checkpoint together)
+        every rank's, as ``{"per_rank": [rank 0's, rank 1's, ...]}``, so each resumed rank gets its own back (with
+        rank 0's alone, the interrupted epoch's global mean was wrong after a resume)."""
+        local = {k: (s.detach().cpu(), n) for k, (s, n) in self.sums.items()}
+        world = int(getattr(strategy, "world_size", 1) or 1)
+        if world <= 1:
+            return local
+        keys = sorted(self.sums)
+        rows = [torch.stack([self.sums[k][0].detach().double().reshape(()),
+                             torch.tensor(float(self.sums[k][1]), dtype=torch.float64, device=self.sums[k][0].device)])
+                for k in keys]
+        mine = torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=strategy.root_device)
+        every = strategy.all_gather(mine).reshape(world, len(keys), 2).cpu()
+        dtypes = {k: self.sums[k][0].dtype for k in keys}
+        return {"per_rank": [{k: (every[r, i, 0].to(dtypes[k]), int(every[r, i, 1])) for i, k in enumerate(keys)}
+                             for r in range(world)]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], rank: int = 0) -> None:
+        if "per_rank" in state:
+            per_rank = state["per_rank"]
+            state = per_rank[rank] if rank < len(per_rank) else {}  # another world size: that epoch's mean is partial
         self.sums = {k: (torch.as_tensor(s), int(n)) for k, (s, n) in state.items()}
