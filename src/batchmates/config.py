@@ -290,11 +290,13 @@ class DataInfo:
         return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in d.items()})
 
 
-# Per-dataset defaults for the auto settings (library choice; see the module docstring).
+# Per-dataset defaults for the auto settings (library choice; see the module docstring). Fashion-MNIST: 15 epochs
+# (issue 10, with the dataset's 2 px crop padding and bf16, seed 0: 93.15% test top-1 after 15 epochs, 92.78% after
+# 12).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "digits": dict(backbone="cnn", epochs=8, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=5e-4,
                    warmup_epochs=0.0),
-    "fashion-mnist": dict(backbone="resnet-small", epochs=12, batch_size=128, lr=0.1, optimizer="sgd",
+    "fashion-mnist": dict(backbone="resnet-small", epochs=15, batch_size=128, lr=0.1, optimizer="sgd",
                           weight_decay=5e-4, warmup_epochs=0.5),
     "cifar10": dict(backbone="resnet18", epochs=100, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
                     warmup_epochs=2.0),
