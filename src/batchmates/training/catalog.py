@@ -11,9 +11,9 @@ new snapshot, so the cache is never stale. Reading it takes milliseconds.
 Paper: none (library infrastructure).
 
 Library choices: a cache that cannot be written (read-only home) is skipped silently (the listing is then as slow
-as before); ``BATCHMATES_NO_CATALOG_CACHE=1`` disables it. Methods registered by user code at run time are not in
-the snapshot (the CLI only knows the built-in ones anyway); the full checks of :meth:`RunConfig.resolve` still run
-when the run starts.
+as before); ``BATCHMATES_NO_CATALOG_CACHE=1`` disables it. A process that has already imported the registries
+(e.g. user code that registered its own method, then calls ``batchmates.cli.main``) reads them live instead. The
+full checks of :meth:`RunConfig.resolve` still run when the run starts.
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ _MEMO: dict[str, Any] = {}
 
 
 def catalog() -> dict[str, Any]:
-    """The snapshot: read from the cache when it matches the source tree, else built (and cached)."""
+    """The snapshot: read from the cache when it matches the source tree, else built (and cached). In a process
+    that has imported the registries already, the live registries (methods registered at run time included)."""
+    if "batchmates.methods" in sys.modules and "batchmates.models" in sys.modules:
+        return build_catalog()  # cheap once imported, and current
     if "catalog" in _MEMO:
         return _MEMO["catalog"]
     use_cache = not os.environ.get("BATCHMATES_NO_CATALOG_CACHE")
