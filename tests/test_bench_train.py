@@ -35,4 +35,8 @@ def test_bench_train_quick_reports_overhead_and_speedups(capsys):
     bf16 = [r for r in rows if r.case.endswith("precision")]
     assert bf16 and all(math.isnan(r.time_ms) or r.time_ms > 0 for r in bf16)
     assert "compile" not in {r.case.rsplit(": ", 1)[-1] for r in rows}  # not in quick runs
-    assert f"the {TARGET_OVERHEAD:.0%} target" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"the {TARGET_OVERHEAD:.0%} target" in printed and f"{lit.extra['overhead_vs_bare']:+.1%}" in printed
+    from batchmates.bench.runner import _summaries
+
+    assert _summaries("train", rows).startswith("- framework overhead (ce cnn digits b32")

@@ -82,6 +82,20 @@ def update_benchmarks_doc(doc: str, section: str, body: str) -> None:
     atomic_write_text(doc, text)
 
 
+def _summaries(group: str, rows: list[BenchRow]) -> str:
+    """The lines of every benchmark module of ``group`` that defines ``summary(rows) -> str`` (its ratios)."""
+    out = []
+    for name in BENCH_GROUPS.get(group, ()):
+        try:
+            module = importlib.import_module(f"batchmates.bench.{name}")
+        except ModuleNotFoundError:
+            continue
+        text = module.summary(rows) if callable(getattr(module, "summary", None)) else ""
+        if text:
+            out.append(text.rstrip() + "\n\n")
+    return "".join(out)
+
+
 def _section_body(rows: list[BenchRow], hardware: str, quick: bool, notes: list[str]) -> str:
     from batchmates.bench.common import rows_to_markdown
 
@@ -126,7 +140,7 @@ def run_benchmarks(
         payload = {"group": name, "device": device, "quick": quick, "hardware": hardware,
                    "rows": [r.to_dict() for r in rows], "notes": notes}  # fmt: skip
         atomic_write_json(os.path.join(out, f"{name}-{kind}{'-quick' if quick else ''}.json"), payload)
-        body = _section_body(rows, hardware, quick, notes)
+        body = _summaries(name, rows) + _section_body(rows, hardware, quick, notes)
         update_benchmarks_doc(doc, f"{name} ({kind}{', quick' if quick else ''})", body)
         log(body)
     return status

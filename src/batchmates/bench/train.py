@@ -41,7 +41,7 @@ from batchmates.bench.common import BenchRow
 BENCHMARK = "train"
 TARGET_OVERHEAD = 0.10
 
-__all__ = ["run", "TARGET_OVERHEAD", "BareLoop", "native_bf16"]
+__all__ = ["run", "summary", "TARGET_OVERHEAD", "BareLoop", "native_bf16"]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -314,24 +314,36 @@ def per_step_costs(device: torch.device, ctx: dict[str, Any]) -> list[BenchRow]:
     return rows
 
 
+def summary(rows: list[BenchRow]) -> str:
+    """The ratios of a run (framework overhead, augmentation path, bf16, compile) as Markdown bullet lines."""
+    by = {r.impl: r for r in rows if r.benchmark == BENCHMARK}
+    lit = by.get("batchmates train (Lightning + callbacks)")
+    if lit is None:
+        return ""
+    over = lit.extra["overhead_vs_bare"]
+    bare = by["bare torch loop (same aug, precision, optimiser)"]
+    lines = [f"- framework overhead ({lit.case}): {lit.time_ms:.1f} vs {bare.time_ms:.1f} ms/step "
+             f"({lit.extra['img_per_s']:.0f} vs {bare.extra['img_per_s']:.0f} images/s): **{over:+.1%}** "
+             f"({'within' if over <= TARGET_OVERHEAD else 'over'} the {TARGET_OVERHEAD:.0%} target)"]
+    k = by.get("step with kornia RandomCrop+RandomHorizontalFlip")
+    if k is not None:
+        lines.append(f"- kornia crop+flip: step {k.extra['slowdown_vs_torch']:+.1%} vs plain torch (augmentation "
+                     f"alone {k.extra['augment_ms']:.2f} vs "
+                     f"{by['step with plain-torch crop+flip (PadCropFlip)'].extra['augment_ms']:.2f} ms per batch)")
+    p = by.get("bare step bf16 autocast")
+    if p is not None and p.extra and "speedup_vs_fp32" in p.extra:
+        lines.append(f"- bf16 autocast: **{p.extra['speedup_vs_fp32']:.2f}x** the fp32 images/s")
+    c = by.get("bare step torch.compile(backbone)")
+    if c is not None and c.extra and "speedup_vs_eager" in c.extra:
+        lines.append(f"- torch.compile of the backbone: {c.extra['speedup_vs_eager']:.2f}x eager images/s "
+                     f"(compiling took {c.extra['compile_s']:.0f} s)")
+    return "\n".join(lines) + "\n"
+
+
 def run(device: str, quick: bool) -> list[BenchRow]:
     dev = torch.device(device)
     rows, ctx = lightning_overhead(dev, quick)
     rows += per_step_costs(dev, ctx)
     rows += step_variants(dev, quick, ctx)
-    by = {r.impl: r for r in rows}
-    lines = [f"[bench] train ({ctx['case']}, {dev}): Lightning {ctx['lightning_ms']:.1f} ms/step vs bare "
-             f"{ctx['bare_ms']:.1f} ms/step: overhead {ctx['overhead']:+.1%} "
-             f"({'within' if ctx['overhead'] <= TARGET_OVERHEAD else 'OVER'} the {TARGET_OVERHEAD:.0%} target)"]
-    k = by.get("step with kornia RandomCrop+RandomHorizontalFlip")
-    if k is not None:
-        lines.append(f"  kornia crop+flip step {k.extra['slowdown_vs_torch']:+.1%} vs plain torch")
-    p = by.get("bare step bf16 autocast")
-    if p is not None and p.extra and "speedup_vs_fp32" in p.extra:
-        lines.append(f"  bf16 autocast {p.extra['speedup_vs_fp32']:.2f}x the fp32 images/s")
-    c = by.get("bare step torch.compile(backbone)")
-    if c is not None and c.extra and "speedup_vs_eager" in c.extra:
-        lines.append(f"  torch.compile {c.extra['speedup_vs_eager']:.2f}x eager images/s "
-                     f"(compiling took {c.extra['compile_s']:.0f} s)")
-    print("\n".join(lines), flush=True)
+    print(f"[bench] train ({dev}):\n" + summary(rows), flush=True)
     return rows
