@@ -52,33 +52,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchmates.config import ConfigError, RunConfig
-from batchmates.training.compare import COLUMNS, RunPlan, check_builds, plan_runs, resolve_variants
+from batchmates.training.compare import RunPlan, check_builds, plan_runs, resolve_variants
 from batchmates.training.rundir import read_metrics
+from batchmates.training.study_report import _CORR, METRICS, metric_value, write_report
 from batchmates.training.study_stats import RELATIONS
 from batchmates.training.variants import Variant, load_variants_file, read_yaml_mapping
 
 __all__ = ["Study", "Claim", "Comparison", "load_study", "run_study", "metric_value", "plan_study", "METRICS"]
 
-#: Metric names a comparison may use (besides ``corruption@S``), and their titles.
-METRICS: dict[str, str] = {k: COLUMNS[k][0] for k in ("accuracy", "linear", "knn20", "knn200", "corruptions")}
-_CORR = re.compile(r"corruption@([1-5])")
 _CMP = re.compile(r"^\s*(\S+)\s*(>=|>)\s*(\S+)\s*$")
-
-
-def metric_title(metric: str) -> str:
-    m = _CORR.fullmatch(metric)
-    return f"corrupted, severity {m.group(1)}" if m else METRICS.get(metric, metric)
-
-
-def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
-    """The value of ``metric`` in a run's ``metrics.json`` (None when the run has no such figure)."""
-    m = _CORR.fullmatch(metric)
-    if m:
-        corr = (metrics.get("eval") or {}).get("corruptions") or {}
-        vals = [v[m.group(1)] for k, v in corr.items() if isinstance(v, dict) and m.group(1) in v]
-        return sum(vals) / len(vals) if vals else None
-    v = COLUMNS[metric][1](metrics)
-    return None if v is None else float(v)
 
 
 def _check_metric(metric: str, where: str) -> str:
@@ -263,8 +245,6 @@ def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: 
     resume from their checkpoint. ``report_only``: train nothing, report the finished runs. ``dry_run``: resolve
     and check every run, build every pending variant once, log the plan, and write nothing (returns the plan).
     """
-    from batchmates.training.study_report import write_report
-
     log = log or (lambda s: print(s, flush=True))
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r} (--jobs)")

@@ -15,13 +15,35 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 from batchmates.io import atomic_write_json, atomic_write_text
+from batchmates.training.compare import COLUMNS
 from batchmates.training.rundir import read_metrics
 from batchmates.training.study_stats import DEFAULT_MARGIN, combine, paired_comparison, t_interval, verdict
 
-__all__ = ["write_report", "collect", "results_markdown"]
+__all__ = ["write_report", "collect", "results_markdown", "metric_value", "metric_title", "METRICS"]
+
+#: Metric names a comparison may use (besides ``corruption@S``), and their titles.
+METRICS: dict[str, str] = {k: COLUMNS[k][0] for k in ("accuracy", "linear", "knn20", "knn200", "corruptions")}
+_CORR = re.compile(r"corruption@([1-5])")
+
+
+def metric_title(metric: str) -> str:
+    m = _CORR.fullmatch(metric)
+    return f"corrupted, severity {m.group(1)}" if m else METRICS.get(metric, metric)
+
+
+def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
+    """The value of ``metric`` in a run's ``metrics.json`` (None when the run has no such figure)."""
+    m = _CORR.fullmatch(metric)
+    if m:
+        corr = (metrics.get("eval") or {}).get("corruptions") or {}
+        vals = [v[m.group(1)] for k, v in corr.items() if isinstance(v, dict) and m.group(1) in v]
+        return sum(vals) / len(vals) if vals else None
+    v = COLUMNS[metric][1](metrics)
+    return None if v is None else float(v)
 
 _ALL_METRICS = ("accuracy", "linear", "knn20", "knn200", "corruptions",
                 *(f"corruption@{s}" for s in range(1, 6)))
@@ -29,7 +51,6 @@ _ALL_METRICS = ("accuracy", "linear", "knn20", "knn200", "corruptions",
 
 def collect(study: Any, plans: list[Any], out: str, failed: dict[str, str] | None = None) -> dict[str, Any]:
     """The content of ``results.json``: per variant its runs and intervals, per claim its comparisons."""
-    from batchmates.training.study import metric_title, metric_value
     from batchmates.training.variants import variant_dir
 
     failed = failed or {}
@@ -155,8 +176,6 @@ def results_markdown(res: dict[str, Any]) -> str:
             lines += ["", c["note"].strip()]
     cols = [k for k in _ALL_METRICS if any(k in v["stats"] for v in res["variants"].values())
             and not k.startswith("corruption@")]
-    from batchmates.training.study import metric_title
-
     lines += ["", "## Variants", "", "| variant | " + " | ".join(metric_title(k) for k in cols)
               + " | train s | seeds | budget |", "|---|" + "---:|" * (len(cols) + 2) + "---|"]
     for name, v in res["variants"].items():
