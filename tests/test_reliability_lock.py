@@ -54,8 +54,9 @@ def test_the_lock_clears_temporaries_of_a_killed_writer(tmp_path: Path) -> None:
 
 def test_two_trainings_on_one_out_the_second_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    # long enough to outlive the second process's start-up (it is killed below): 30 epochs of digits now take less
     first = subprocess.Popen([sys.executable, "-m", "batchmates", "train", "--method", "ce", "--data", "digits",
-                              "--epochs", "30", "--threads", "1", "--no-progress", "--out", str(out)],
+                              "--epochs", "1000", "--threads", "1", "--no-progress", "--out", str(out)],
                              env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
