@@ -40,8 +40,20 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return their results.
 
     ``fn`` must be importable (defined at module level). Results must be picklable by ``torch.save``.
-    An exception on any rank is re-raised here with the rank's traceback.
+    An exception on any rank is re-raised here with the rank's traceback. A failed gloo rendezvous (the ranks
+    never connected, which happens on a heavily loaded machine) is retried once with fresh processes: ``fn`` has
+    not run then, so nothing is repeated.
     """
+    for attempt in range(2):
+        try:
+            return _spawn_once(fn, world_size, args)
+        except mp.ProcessRaisedException as e:
+            if attempt == 1 or "connectFullMesh" not in str(e):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _spawn_once(fn: Callable[..., Any], world_size: int, args: tuple[Any, ...]) -> list[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_worker, args=(world_size, init_file, tmp, fn, args), nprocs=world_size, join=True)
