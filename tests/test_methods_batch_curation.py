@@ -12,26 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_methods_curation import DIGITS, batch, make  # the per-pair curation tests' helpers
 
 from batchmates import cli
 from batchmates.config import ConfigError, RunConfig
 from batchmates.curation import batch_frd
-from batchmates.methods import DataInfo, get_method
-
-DIGITS = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8, mean=(0.26,), std=(0.37,),
-                  train_size=1347, hflip=False)
-
-
-def make(method: str, seed: int = 0, **opts):
-    cls = get_method(method)
-    cfg = RunConfig(method=method, data="digits", options=opts).resolve(cls)
-    torch.manual_seed(seed)
-    return cls(cfg, DIGITS)
-
-
-def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(n) % 5
+from batchmates.methods import get_method
 
 
 def count_backbone_forwards(model) -> list[int]:
