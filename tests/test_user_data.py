@@ -101,7 +101,10 @@ def test_a_users_module_as_backbone(tmp_path) -> None:
     import torchvision
 
     torch.manual_seed(0)
-    cfg = RunConfig(method="ce", out=str(tmp_path / "tv"), image_size=16, eval_protocols=["accuracy"], **FAST)
+    # lr 0.005: resnet18's first steps on tiny digits at the default 0.05 sit at the edge of divergence, and the
+    # non-finite guard then (rightly) stops some runs; this test is about rebuilding a user's module
+    cfg = RunConfig(method="ce", out=str(tmp_path / "tv"), image_size=16, eval_protocols=["accuracy"], lr=0.005,
+                    **FAST)
     metrics = train(cfg, backbone=torchvision.models.resnet18(), verbose=False)
     with pytest.raises(ConfigError, match="backbone=MODULE"):
         Method.from_checkpoint(tmp_path / "tv")
