@@ -5,6 +5,8 @@ backbone recorded and rebuilt without its weight file, `batchmates export` loadi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,12 @@ def digits():
 def supcon_run(tmp_path_factory) -> Path:
     """`batchmates train --method supcon --backbone timm:resnet18 --data digits --epochs 1` (3 steps)."""
     out = tmp_path_factory.mktemp("byo") / "supcon"
-    assert main(["train", "--method", "supcon", "--backbone", "timm:resnet18", "--data", "digits", "--max-steps", "3",
-                 "--out", str(out), *FAST, *STABLE_LR]) == 0
+    # in a fresh process: run in-process after other tests, this run was occasionally stopped by the non-finite
+    # guard, which the same command never did on its own (noted for investigation)
+    r = subprocess.run([sys.executable, "-m", "batchmates", "train", "--method", "supcon", "--backbone",
+                        "timm:resnet18", "--data", "digits", "--max-steps", "3", "--out", str(out), *FAST, *STABLE_LR],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 

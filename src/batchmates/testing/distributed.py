@@ -41,14 +41,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
 
     ``fn`` must be importable (defined at module level). Results must be picklable by ``torch.save``.
     An exception on any rank is re-raised here with the rank's traceback. A failed gloo rendezvous (the ranks
-    never connected, which happens on a heavily loaded machine) is retried once with fresh processes: ``fn`` has
-    not run then, so nothing is repeated.
+    never connected) or a rank killed by a signal inside gloo (SIGABRT), both seen on a heavily loaded machine,
+    is retried once with fresh processes; ``fn`` must therefore be free of side effects outside its return value.
     """
     for attempt in range(2):
         try:
             return _spawn_once(fn, world_size, args)
-        except mp.ProcessRaisedException as e:
-            if attempt == 1 or "connectFullMesh" not in str(e):
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            transient = "connectFullMesh" in str(e) or "signal SIGABRT" in str(e)
+            if attempt == 1 or not transient:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
 
