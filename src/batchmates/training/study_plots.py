@@ -61,15 +61,8 @@ def _corruption(res: dict[str, Any], names: list[str], path: str) -> bool:
         st = res["variants"].get(n, {}).get("stats", {})
         drawn |= _series(ax, list(range(6)), [st.get("accuracy")] + [st.get(f"corruption@{s}") for s in range(1, 6)],
                          n)
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("corruption severity (0: clean test set)")
-    ax.set_ylabel("test top-1 (%), mean over kinds")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    return True
+    return _finish(plt, fig, ax, drawn, "corruption severity (0: clean test set)", "test top-1 (%), mean over kinds",
+                   path)
 
 
 def _label_noise(res: dict[str, Any], series: dict[str, list[str]], path: str) -> bool:
@@ -81,11 +74,16 @@ def _label_noise(res: dict[str, Any], series: dict[str, list[str]], path: str) -
         vs.sort(key=lambda v: v["budget"]["label_noise"])
         drawn |= _series(ax, [100 * v["budget"]["label_noise"] for v in vs], [v["stats"].get("accuracy") for v in vs],
                          label)
+    return _finish(plt, fig, ax, drawn, "symmetric label noise on the training split (%)", "clean test top-1 (%)", path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, drawn: bool, xlabel: str, ylabel: str, path: str) -> bool:
+    """Label and save a line plot; a plot with no series is closed unsaved (returns whether it was written)."""
     if not drawn:
         plt.close(fig)
         return False
-    ax.set_xlabel("symmetric label noise on the training split (%)")
-    ax.set_ylabel("clean test top-1 (%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     _save(fig, path)
