@@ -207,6 +207,24 @@ def test_cli_study_report_only_trains_nothing(tmp_path, capsys):
     assert main(["study", _write(tmp_path), "--out", str(out), "--jobs", "0"]) == 2
 
 
+def test_only_selects_claims_and_variant_globs(tmp_path, capsys):
+    from batchmates.cli import main
+    from batchmates.training.study import load_study, select_variants
+
+    s = load_study(_write(tmp_path))
+    assert select_variants(s, ["se"]) == {"attn/ce+se", "base/ce"}
+    assert select_variants(s, ["noise/*"]) == {"noise/ce@0.4"}
+    assert select_variants(s, ["se", "noise"]) == {"attn/ce+se", "base/ce", "noise/ce@0.4"}
+    with pytest.raises(ConfigError, match="'sup/\\*' names no claim and matches no variant"):
+        select_variants(s, ["sup/*"])
+    out = tmp_path / "out"
+    assert main(["study", _write(tmp_path), "--out", str(out), "--dry-run", "--only", "noise/*", "--threads",
+                 "1"]) == 0
+    assert "dry run: 2 runs planned, 2 to train" in capsys.readouterr().out
+    assert main(["study", _write(tmp_path), "--out", str(out), "--only", "typo", "--threads", "1"]) == 2
+    assert "names no claim" in capsys.readouterr().err and not out.exists()
+
+
 def test_extends_and_variant_settings(tmp_path):
     from batchmates.training.study import load_study
 

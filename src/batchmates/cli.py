@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="instead of the file's seeds: a count N (seeds 0..N-1) or a list like 0,3,7")
     p.add_argument("--jobs", type=int, default=1, help="runs trained side by side in separate processes (give each "
                    "--threads)")
+    p.add_argument("--only", help="train only these: claim ids or variant globs, comma-separated (e.g. "
+                   "supcon,attention or 'sup/*'); the report covers every finished run")
     p.add_argument("--report", action="store_true", help="train nothing: write the report of the finished runs")
     p.add_argument("--dry-run", action="store_true", help="check and print the plan (every run resolved, every "
                    "variant built once); train and write nothing")
@@ -344,7 +346,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
     seeds = list(range(seeds)) if isinstance(seeds, int) else seeds
     res = run_study(args.file, args.out, seeds=seeds, jobs=args.jobs, overrides=settings_from_args(args),
-                    report_only=args.report, dry_run=args.dry_run)
+                    report_only=args.report, dry_run=args.dry_run,
+                    only=[x.strip() for x in args.only.split(",") if x.strip()] if args.only else None)
     if args.dry_run:
         return 0
     for c in res["claims"]:

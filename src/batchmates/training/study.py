@@ -58,7 +58,8 @@ from batchmates.training.study_report import _CORR, METRICS, metric_value, write
 from batchmates.training.study_stats import RELATIONS
 from batchmates.training.variants import Variant, load_variants_file, read_yaml_mapping
 
-__all__ = ["Study", "Claim", "Comparison", "load_study", "run_study", "metric_value", "plan_study", "METRICS"]
+__all__ = ["Study", "Claim", "Comparison", "load_study", "run_study", "select_variants", "metric_value", "plan_study",
+           "METRICS"]
 
 _CMP = re.compile(r"^\s*(\S+)\s*(>=|>)\s*(\S+)\s*$")
 
@@ -235,26 +236,53 @@ def _run_one(plan: RunPlan, severities: list[int] | None, verbose: bool) -> tupl
     return status, action
 
 
+def select_variants(study: Study, only: Sequence[str]) -> set[str]:
+    """The variants that ``only`` names: claim ids (every variant the claim compares) or globs over variant names.
+
+    Every entry must match something, so a typo fails before any training.
+    """
+    import fnmatch
+
+    claims = {c.id: c for c in study.claims}
+    names = [v.name for v in study.variants]
+    chosen: set[str] = set()
+    for pattern in only:
+        if pattern in claims:
+            chosen |= {n for cmp in claims[pattern].comparisons for n in (cmp.variant, cmp.baseline)}
+            continue
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise ConfigError(f"--only {pattern!r} names no claim and matches no variant of {study.path!r}; "
+                              f"claims: {sorted(claims)}; variants: {sorted(names)}")
+        chosen |= set(hits)
+    return chosen
+
+
 def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: int = 1,
               overrides: dict[str, Any] | None = None, report_only: bool = False, dry_run: bool = False,
-              verbose: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              only: Sequence[str] | None = None, verbose: bool = True,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the study in ``path`` into ``out`` and write its report; return ``results.json``'s content.
 
     ``seeds`` overrides the file's seeds; ``overrides`` are run settings over the file's (``threads``, ...);
     ``jobs`` runs train side by side in separate processes. Runs already finished are skipped; interrupted ones
-    resume from their checkpoint. ``report_only``: train nothing, report the finished runs. ``dry_run``: resolve
-    and check every run, build every pending variant once, log the plan, and write nothing (returns the plan).
+    resume from their checkpoint. ``only`` (claim ids or variant globs, :func:`select_variants`) trains just those
+    variants, to bring some claims to their full seeds first; the report still covers every finished run.
+    ``report_only``: train nothing, report the finished runs. ``dry_run``: resolve and check every run, build
+    every pending variant once, log the plan, and write nothing (returns the plan).
     """
     log = log or (lambda s: print(s, flush=True))
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r} (--jobs)")
     study = load_study(path)
+    chosen = select_variants(study, only) if only else None
     plans = [p if p.corruptions or not _wants_corruptions(study, p) else _with_corruptions(p)
              for p in plan_study(study, out, seeds=seeds, overrides=overrides)]
     if dry_run:
-        return _dry_run(plans, log)
+        return _dry_run([p for p in plans if chosen is None or p.variant.name in chosen], log)
     os.makedirs(out, exist_ok=True)
-    pending = [] if report_only else [p for p in plans if not _finished(p)]
+    pending = [] if report_only else [p for p in plans if not _finished(p)
+                                      and (chosen is None or p.variant.name in chosen)]
     if pending:
         check_builds(pending)
         log(f"[study] {len(plans) - len(pending)} of {len(plans)} runs finished; {len(pending)} to run "
