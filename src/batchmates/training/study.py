@@ -281,11 +281,12 @@ def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: 
     if dry_run:
         return _dry_run([p for p in plans if chosen is None or p.variant.name in chosen], log)
     os.makedirs(out, exist_ok=True)
-    pending = [] if report_only else [p for p in plans if not _finished(p)
-                                      and (chosen is None or p.variant.name in chosen)]
+    unfinished = [] if report_only else [p for p in plans if not _finished(p)]
+    pending = [p for p in unfinished if chosen is None or p.variant.name in chosen]
     if pending:
         check_builds(pending)
-        log(f"[study] {len(plans) - len(pending)} of {len(plans)} runs finished; {len(pending)} to run "
+        picked = f" of the variants --only names ({len(chosen)})" if chosen is not None else ""
+        log(f"[study] {len(plans) - len(unfinished)} of {len(plans)} runs finished; {len(pending)} to run{picked} "
             f"({jobs} at a time)")
     failed: dict[str, str] = {}
 
