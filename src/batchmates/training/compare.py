@@ -29,7 +29,8 @@ from batchmates.io import atomic_write_json, atomic_write_text
 from batchmates.training.rundir import CONFIG_FILE, has_checkpoint, read_metrics
 from batchmates.training.variants import Variant, parse_variant, variant_dir
 
-__all__ = ["compare", "resolve_methods", "resolve_variants", "summarise", "plan_runs", "check_builds", "RunPlan"]
+__all__ = ["compare", "resolve_methods", "resolve_variants", "summarise", "plan_runs", "check_builds", "run_plan",
+           "RunPlan"]
 
 
 def _last_curve(m: dict[str, Any], key: str) -> Any:
@@ -219,8 +220,13 @@ def _check_existing(cfg: RunConfig, variant: Variant) -> None:
                           "--out or variant name, or delete that directory")
 
 
-def _run(plan: RunPlan, severities: Sequence[int] | None, verbose: bool) -> tuple[str, dict[str, Any], str]:
-    """Train, resume or skip one planned run (then its corruption evaluation); ``(status, metrics, action)``."""
+def run_plan(plan: RunPlan, severities: Sequence[int] | None = None,
+             verbose: bool = False) -> tuple[str, dict[str, Any], str]:
+    """Train, resume or skip one planned run (then its corruption evaluation); ``(status, metrics, action)``.
+
+    ``status`` is ``"done"`` or ``"failed"``; a failure is caught and described in ``action`` (one broken run of
+    a comparison or study must not lose the others).
+    """
     from batchmates.training.evaluate import evaluate
     from batchmates.training.run import resume, train
 
@@ -280,7 +286,7 @@ def compare(
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     for plan in plans:
-        status, metrics, action = _run(plan, severities, verbose)
+        status, metrics, action = run_plan(plan, severities, verbose)
         if verbose:
             print(f"[compare] {plan.variant.name} seed {plan.seed}: {action}", flush=True)
         runs.append({"variant": plan.variant.name, "method": plan.cfg.method, "seed": plan.seed,

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchmates.config import ConfigError, RunConfig
-from batchmates.training.compare import RunPlan, check_builds, plan_runs, resolve_variants
+from batchmates.training.compare import RunPlan, check_builds, plan_runs, resolve_variants, run_plan
 from batchmates.training.rundir import read_metrics
 from batchmates.training.study_report import _CORR, METRICS, metric_value, write_report
 from batchmates.training.study_stats import RELATIONS
@@ -230,9 +230,7 @@ def _finished(plan: RunPlan) -> bool:
 
 def _run_one(plan: RunPlan, severities: list[int] | None, verbose: bool) -> tuple[str, str]:
     """Worker entry (also in-process): train / resume / evaluate one run; ``(status, action)``."""
-    from batchmates.training.compare import _run
-
-    status, _, action = _run(plan, severities, verbose)
+    status, _, action = run_plan(plan, severities, verbose)
     return status, action
 
 
