@@ -305,13 +305,12 @@ def test_independent_eval_multiplies_by_the_expected_training_factor(weight_mode
 def test_bounded_scores_lie_in_0_1_and_weights_within_a_factor_e() -> None:
     m = _make()
     x = _x(n=16) * 30  # large activations: the literal score would be nearly one-hot
-    torch.set_grad_enabled(False)
-    a = m.train().attention_scores(x)
-    assert ((a > 0) & (a < 1)).all()
-    s = m.sample_scales(x)
-    assert float(s.max() / s.min()) <= torch.e + 1e-9
-    lit = _make(score="literal").train().sample_scales(x)
-    torch.set_grad_enabled(True)
+    with torch.no_grad():
+        a = m.train().attention_scores(x)
+        assert ((a > 0) & (a < 1)).all()
+        s = m.sample_scales(x)
+        assert float(s.max() / s.min()) <= torch.e + 1e-9
+        lit = _make(score="literal").train().sample_scales(x)
     assert float(lit.max() / lit.min()) > float(s.max() / s.min())
 
 
