@@ -140,6 +140,25 @@ def test_methods_all_means_every_supporting_method() -> None:
     assert resolve_methods("ce,ce", "digits") == ["ce"]
 
 
+@pytest.mark.parametrize("method", ["ce", "ba2m", "batchformer", "btn", "ibaformer", "supcon", "simclr", "barlow",
+                                    "swav", "cc"])
+def test_every_parameter_gets_a_gradient_in_a_training_step(method: str) -> None:
+    """Lightning's "ddp" strategy runs DDP with find_unused_parameters=False, which fails on the first step of a
+    model with a parameter outside the loss's graph: every method's own wiring must use all of its parameters."""
+    from batchmates.data import load_dataset
+    from batchmates.methods import get_method
+    from batchmates.methods.build import DataInfo
+
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    cfg = RunConfig(method=method, batch_size=16, **({"attn_layer": "se"} if method == "cc" else {})).resolve()
+    model = get_method(method)(cfg, DataInfo.from_splits(digits)).train()
+    out = model.training_step((digits.train.images[:16], digits.train.labels[:16]), 0)
+    (out["loss"] if isinstance(out, dict) else out).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"{method}: parameters outside the loss's graph: {unused[:5]}"
+
+
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     """Lightning DDP (gloo) with 2 CPU processes trains `ce` for a few steps and writes the outputs once."""
     out = tmp_path / "ddp"
