@@ -159,6 +159,25 @@ def test_every_parameter_gets_a_gradient_in_a_training_step(method: str) -> None
     assert not unused, f"{method}: parameters outside the loss's graph: {unused[:5]}"
 
 
+@pytest.mark.parametrize("strategy, unused", [("ddp", False), ("ddp_find_unused_parameters_true", True)])
+def test_strategy_reaches_lightnings_ddp(tmp_path: Path, strategy: str, unused: bool) -> None:
+    """`--strategy ddp_find_unused_parameters_true` (a user's backbone with parameters outside the loss) builds
+    Lightning's DDP with find_unused_parameters=True; plain `ddp` keeps the fast path."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from batchmates.data import load_dataset
+    from batchmates.methods import get_method
+    from batchmates.methods.build import DataInfo
+    from batchmates.training.run import _trainer
+
+    cfg = RunConfig(method="ce", out=str(tmp_path), devices=2, accelerator="cpu", strategy=strategy,
+                    progress=False).resolve()
+    model = get_method("ce")(cfg, DataInfo.from_splits(load_dataset("digits")))
+    trainer, _ = _trainer(cfg, model, verbose=False)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert trainer.strategy._ddp_kwargs.get("find_unused_parameters", False) is unused
+
+
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     """Lightning DDP (gloo) with 2 CPU processes trains `ce` for a few steps and writes the outputs once."""
     out = tmp_path / "ddp"

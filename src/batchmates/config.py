@@ -52,7 +52,10 @@ PRECISIONS = ("auto", "32-true", "64-true", "bf16-mixed", "16-mixed")
 OPTIMIZERS = ("sgd", "adamw", "lars")
 LR_RULES = ("none", "linear", "sqrt")
 LOGGERS = ("tensorboard", "csv", "wandb")
-STRATEGIES = ("auto", "ddp")  # no ddp_spawn: its runs lost their history and step count (issue 12)
+# No ddp_spawn: its runs lost their history and step count (issue 12). Every method's own wiring uses all its
+# parameters (tests/test_training.py), so "ddp" (find_unused_parameters=False, the fast path) fits them; a user's
+# backbone with parameters outside the loss (an unused head) needs Lightning's ddp_find_unused_parameters_true.
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PROTOCOLS = ("accuracy", "knn", "linear")
 EVAL_MODES = ("independent", "batch")
@@ -120,7 +123,8 @@ class RunConfig:
                         minimum=1)
     sync_bn: bool = _s(False, "synchronise BatchNorm statistics over all processes (DDP)", _H)
     compile: bool = _s(False, "torch.compile the backbone (opt-in; the first steps compile)", _H)
-    strategy: str = _s("auto", "Lightning strategy", _H, choices=STRATEGIES)
+    strategy: str = _s("auto", "Lightning strategy (ddp_find_unused_parameters_true: a backbone with parameters the "
+                       "loss does not use)", _H, choices=STRATEGIES)
     num_workers: int = _s(0, "DataLoader workers for file-backed datasets", _H, minimum=0)
     checkpoint_every_n_steps: int = _s(100, "also write last.ckpt every N optimiser steps (0: only at epoch ends)",
                                        _OUT, flag="--checkpoint-every", minimum=0, metavar="N")
