@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from batchmates.models.layers import create_attn_layer
 from batchmates.nn.ba2m import BA2M
-from batchmates.testing import run_distributed
-from batchmates.testing.distributed import ddp_average_grads
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -207,54 +206,41 @@ def test_invalid_inputs_raise_clear_errors() -> None:
         BA2M(8, reduction=0)
 
 
-# --- torch.distributed: 2 gloo ranks with half the batch each == one process with all of it -----------------
+# --- torch.distributed: 2 gloo ranks on uneven shares of the batch == one process with all of it -------------
 
 
-def _ddp_worker(rank: int, world: int, state: dict, x: torch.Tensor, t: torch.Tensor, modes: list[str]) -> list:
+def _ba2m_shard(shard: Shard, state: dict, x: torch.Tensor, t: torch.Tensor, modes: list[str]) -> dict:
     # BatchNorm inside the branches is put in eval (running statistics) for this check: plain BatchNorm is
     # per-rank by design (use SyncBatchNorm, CUDA-only in PyTorch, for global statistics); what is checked
     # here is the batch weighting, which must be global.
-    results = []
-    n = x.shape[0] // world
-    sl = slice(rank * n, (rank + 1) * n)
+    rows = shard.rows
+    results = {}
     for mode in modes:
         m = BA2M(8, reduction=2, dilation=2, weight_mode=mode).to(DT)
         m.load_state_dict(state)
         m.train()
         m.channel_bn.eval()
         m.local_bn.eval()
-        xl = x[sl].clone().requires_grad_(True)
+        xl = x[rows].clone().requires_grad_(True)
         out = m(xl)
-        loss = (out * t[sl]).sum() / n
-        loss.backward()
+        # this rank's share of the global objective sum(out * t) / B, as DDP sees it (x W: DDP averages over ranks)
+        ((out * t[rows]).sum() * shard.world / shard.n).backward()
         ddp_average_grads(m)
-        results.append((out.detach(), xl.grad, {k: p.grad for k, p in m.named_parameters()}))
+        results[f"out {mode}"] = out.detach()
+        # the per-rank objective is W x this rank's share: its input gradient is W x the global objective's
+        results[f"input grad {mode}"] = xl.grad / shard.world
+        results[f"grads {mode}"] = {k: p.grad for k, p in m.named_parameters()}
     return results
 
 
-def test_distributed_equivalence_of_batch_weighting() -> None:
+def test_distributed_equivalence_of_batch_weighting(ddp_contract) -> None:
     modes = ["scaled", "raw", "residual"]
     m0 = _make()
     state = m0.state_dict()
     x, t = _x(n=6), _x(n=6, seed=3)
-    results = run_distributed(_ddp_worker, 2, state, x, t, modes)
-    for i, mode in enumerate(modes):
-        m = BA2M(8, reduction=2, dilation=2, weight_mode=mode).to(DT)
-        m.load_state_dict(state)
-        m.train()
-        m.channel_bn.eval()
-        m.local_bn.eval()
-        xf = x.clone().requires_grad_(True)
-        out = m(xf)
-        ((out * t).sum() / x.shape[0]).backward()
-        for r, res in enumerate(results):
-            out_r, xgrad_r, grads_r = res[i]
-            sl = slice(3 * r, 3 * r + 3)
-            torch.testing.assert_close(out_r, out[sl].detach(), atol=1e-5, rtol=1e-5)
-            # per-rank objective is the mean over the local half, so its input gradient is W x the global one
-            torch.testing.assert_close(xgrad_r / 2, xf.grad[sl], atol=1e-5, rtol=1e-5)
-            for k, p in m.named_parameters():
-                torch.testing.assert_close(grads_r[k], p.grad, atol=1e-5, rtol=1e-5, msg=f"{mode}: grad of {k}")
+    per_sample = [f"{what} {mode}" for mode in modes for what in ("out", "input grad")]
+    run = ddp_contract(_ba2m_shard, 6, state, x, t, modes, concat=per_sample, rtol=1e-5, atol=1e-5)
+    assert run.splits == (4, 2)  # uneven: a per-rank softmax / mean would fail
 
 
 @pytest.mark.cuda

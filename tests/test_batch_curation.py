@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from batchmates.curation import BatchCurator, batch_frd, gaussian_frechet_distance, global_batch_frd
-from batchmates.testing import run_distributed
+from batchmates.testing import Shard, run_distributed
 
 torch.set_num_threads(1)
 
@@ -211,21 +211,25 @@ def _run_decisions(rows: slice | None) -> tuple[list[float], list[str]]:
     return scores, decisions
 
 
-def _dist_worker(rank: int, world: int) -> tuple[list[float], list[str]]:
-    rows = slice(0, 5) if rank == 0 else slice(5, N_GLOBAL)  # uneven split of the global batch
-    return _run_decisions(rows)
+def _decisions_shard(shard: Shard) -> dict:
+    scores, decisions = _run_decisions(shard.rows)
+    return {"scores": torch.tensor(scores, dtype=torch.float64), "decisions": decisions}
 
 
-def test_global_batch_score_and_decision_on_two_gloo_ranks():
+def test_global_batch_score_and_decision_on_two_gloo_ranks(ddp_contract):
     ref_scores, ref_decisions = _run_decisions(None)
     assert "skip" in ref_decisions and ref_decisions.count("accept") > 2  # the rule really decides
-    ranks = run_distributed(_dist_worker, 2)
-    for scores, decisions in ranks:
-        assert decisions == ref_decisions
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-10)
-    assert ranks[0][0] == ranks[1][0]  # bitwise the same score on every rank (rank 0's value)
-    # a rank's own half scores differently: the score really is of the global batch
-    half = batch_frd([(f1[:5], f2[:5]) for f1, f2 in _step_features(0)]).item()
+    # decisions (strings) must be equal, scores within rtol 1e-10 (atol 0, as numpy's assert_allclose)
+    run = ddp_contract(_decisions_shard, N_GLOBAL, rtol=1e-10, atol=0.0)
+    assert run.splits == (7, 5)  # uneven split of the global batch
+    assert run.full["decisions"] == ref_decisions
+    for res in run.ranks:
+        assert res["decisions"] == ref_decisions
+        np.testing.assert_allclose(res["scores"].numpy(), ref_scores, rtol=1e-10)
+    assert torch.equal(run.ranks[0]["scores"], run.ranks[1]["scores"])  # bitwise the same score on every rank
+    # a rank's own share scores differently: the score really is of the global batch
+    own = slice(0, run.splits[0])
+    half = batch_frd([(f1[own], f2[own]) for f1, f2 in _step_features(0)]).item()
     assert half != pytest.approx(ref_scores[0], rel=1e-3)
 
 

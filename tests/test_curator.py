@@ -20,7 +20,7 @@ from batchmates.curation import (
 )
 from batchmates.distributed import gather
 from batchmates.losses import BarlowTwinsLoss, SupConLoss
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 
@@ -322,33 +322,38 @@ CONFIGS = [
 ]
 
 
-def _dist_worker(rank: int, world: int, x1, x2):
-    n = x1.shape[0] // world
-    rows = slice(rank * n, (rank + 1) * n)
-    return [_curated_step(x1, x2, cfg, rows) for cfg in CONFIGS]
-
-
-def test_distributed_curation_equals_one_process():
-    x1, x2 = make_pairs(n=12, bad=(0, 2, 4))  # all bad pairs on rank 0: uneven kept counts across ranks
-    per_rank = run_distributed(_dist_worker, 2, x1, x2)
+def _curation_shard(shard: Shard, x1, x2) -> dict:
+    out = {}
     for c, cfg in enumerate(CONFIGS):
-        single = _curated_step(x1, x2, cfg, None)
-        ranks = [r[c] for r in per_rank]
-        keep = torch.cat([r["keep"] for r in ranks])
-        assert torch.equal(keep, single["keep"]), cfg
-        if "quantile" in cfg[0]:
-            assert int(single["keep"].sum()) == 9
-            assert int(ranks[0]["keep"].sum()) == 3 and int(ranks[1]["keep"].sum()) == 6  # uneven
-        else:
-            torch.testing.assert_close(torch.cat([r["weights"] for r in ranks]), single["weights"])
-        for r in ranks:
-            assert r["stats"] == single["stats"]
-            torch.testing.assert_close(r["loss"], single["loss"], rtol=1e-5, atol=1e-5)
-            for g, s in zip(r["grads"], single["grads"]):
-                torch.testing.assert_close(g, s, rtol=1e-5, atol=1e-5)
+        step = _curated_step(x1, x2, cfg, shard.rows)
+        out[f"{c} loss"], out[f"{c} grads"], out[f"{c} stats"] = step["loss"], step["grads"], step["stats"]
+        out[f"{c} keep"] = step["keep"]
+        if step["weights"] is not None:
+            out[f"{c} weights"] = step["weights"]
         # input gradients: each rank returns the global loss, DDP's objective is their mean, hence the 1/W
-        x_grad = torch.cat([r["x_grad"] for r in ranks]) / 2
-        torch.testing.assert_close(x_grad, single["x_grad"], rtol=1e-5, atol=1e-5)
+        out[f"{c} x_grad"] = step["x_grad"] / shard.world
+    return out
+
+
+def test_distributed_curation_equals_one_process(ddp_contract):
+    x1, x2 = make_pairs(n=12, bad=(0, 2, 4))  # all bad pairs on rank 0: uneven kept counts across ranks
+    per_sample = [f"{c} {k}" for c in range(len(CONFIGS)) for k in ("keep", "x_grad")]
+    per_sample += [f"{c} weights" for c, cfg in enumerate(CONFIGS) if "quantile" not in cfg[0]]
+    # keep (bool) is compared exactly, stats (python numbers) with ==; loss, grads, x_grad within 1e-5
+    run = ddp_contract(_curation_shard, 12, x1, x2, concat=per_sample, rtol=1e-5, atol=1e-5)
+    assert run.splits == (7, 5)
+    for c, cfg in enumerate(CONFIGS):
+        single, ranks = run.full, run.ranks
+        keep = torch.cat([r[f"{c} keep"] for r in ranks])
+        assert torch.equal(keep, single[f"{c} keep"]), cfg
+        if "quantile" in cfg[0]:
+            assert f"{c} weights" not in single
+            assert int(single[f"{c} keep"].sum()) == 9
+            assert int(ranks[0][f"{c} keep"].sum()) == 4 and int(ranks[1][f"{c} keep"].sum()) == 5  # uneven
+        else:  # at the default (float32) tolerance, tighter than the contract's
+            torch.testing.assert_close(torch.cat([r[f"{c} weights"] for r in ranks]), single[f"{c} weights"])
+        for r in ranks:
+            assert r[f"{c} stats"] == single[f"{c} stats"]
 
 
 def test_curation_with_library_losses_removes_exactly_the_dropped_pairs():

@@ -12,8 +12,7 @@ from _iba_reference import ref_self_attention as _ref_self_attention
 from _iba_reference import tokens as _x
 
 from batchmates.nn.intra_batch_attention import IntraBatchAttention, intra_batch_attention
-from batchmates.testing import run_distributed
-from batchmates.testing.distributed import ddp_average_grads
+from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
 
@@ -176,60 +175,60 @@ def test_self_attention_weights_load_into_iba_and_evaluate_as_self_attention() -
     sa.load_state_dict(params)  # and the other way round, parameters only
 
 
-# --- torch.distributed: 2 gloo ranks with half the batch each == one process with all of it -----------------
+# --- torch.distributed: 2 gloo ranks on uneven shares of the batch == one process with all of it -------------
 
 
 _STATS = ("running_k", "running_v", "bank_k", "bank_v", "num_batches_tracked", "train_batch_size")
 
 
-def _train_twice(m: IntraBatchAttention, x: torch.Tensor, t: torch.Tensor, x2: torch.Tensor, n: int):
+def _train_twice(m: IntraBatchAttention, x: torch.Tensor, t: torch.Tensor, x2: torch.Tensor, scale: float):
     """A step with a gradient on x, then a second training batch x2 (statistics only) and eval on x2."""
     m.train()
     xl = x.clone().requires_grad_(True)
     out = m(xl)
-    ((out * t).sum() / n).backward()
+    ((out * t).sum() * scale).backward()
     m(x2)
     evaluated = m.eval()(x2)
     return out.detach(), xl.grad, {k: getattr(m, k).clone() for k in _STATS}, evaluated.detach()
 
 
-def _ddp_worker(rank: int, world: int, states: dict, x: torch.Tensor, t: torch.Tensor, x2: torch.Tensor) -> dict:
-    n = x.shape[0] // world
-    sl = slice(rank * n, (rank + 1) * n)
+def _iba_shard(shard: Shard, states: dict, x: torch.Tensor, t: torch.Tensor, x2: torch.Tensor) -> dict:
+    rows = shard.rows
     results = {}
     for mode, state in states.items():
-        m = IntraBatchAttention(DIM, HEADS, mode=mode, chunk_size=3, bank_size=4).to(DT)
+        # ranks run chunked EIBA (3 sample pairs per chunk), the single process the automatic chunking: the
+        # check also covers chunked == unchunked across the gather
+        chunk_size = 3 if shard.world > 1 else None
+        m = IntraBatchAttention(DIM, HEADS, mode=mode, chunk_size=chunk_size, bank_size=4).to(DT)
         m.load_state_dict(state)
-        out, xgrad, stats, evaluated = _train_twice(m, x[sl], t[sl], x2[sl], n)
+        # this rank's share of the global objective sum(out * t) / B, as DDP sees it (x W: DDP averages over ranks)
+        out, xgrad, stats, evaluated = _train_twice(m, x[rows], t[rows], x2[rows], shard.world / shard.n)
         ddp_average_grads(m)
-        results[mode] = (out, xgrad, {k: p.grad for k, p in m.named_parameters()}, stats, evaluated)
+        results[f"out {mode}"] = out
+        # the per-rank objective is W x this rank's share: its input gradient is W x the global objective's
+        results[f"input grad {mode}"] = xgrad / shard.world
+        results[f"grads {mode}"] = {k: p.grad for k, p in m.named_parameters()}
+        results[f"stats {mode}"] = stats
+        results[f"eval {mode}"] = evaluated
     return results
 
 
-def test_distributed_equivalence_miba_eiba() -> None:
-    """2 gloo ranks == one process: outputs, gradients, and the training statistics (identical on every rank,
-    equal to the single process's), hence independent eval too."""
-    states = {mode: _make(mode, seed=i).state_dict() for i, mode in enumerate(["mean", "element"])}
+def test_distributed_equivalence_miba_eiba(ddp_contract) -> None:
+    """2 gloo ranks (uneven shares) == one process: outputs, gradients, and the training statistics (identical on
+    every rank, equal to the single process's), hence independent eval too."""
+    modes = ["mean", "element"]
+    states = {mode: _make(mode, seed=i).state_dict() for i, mode in enumerate(modes)}
     x, t, x2 = _x(b=6), _x(b=6, seed=2), _x(b=6, seed=3)
-    results = run_distributed(_ddp_worker, 2, states, x, t, x2)
-    for mode, state in states.items():
-        m = IntraBatchAttention(DIM, HEADS, mode=mode, bank_size=4).to(DT)
-        m.load_state_dict(state)
-        out, xgrad, stats, evaluated = _train_twice(m, x, t, x2, x.shape[0])
+    per_sample = [f"{what} {mode}" for mode in modes for what in ("out", "input grad", "eval")]
+    run = ddp_contract(_iba_shard, 6, states, x, t, x2, concat=per_sample, rtol=1e-5, atol=1e-5)
+    assert run.splits == (4, 2)
+    for mode in modes:
+        stats = run.full[f"stats {mode}"]
         assert int(stats["train_batch_size"]) == 6 and int(stats["num_batches_tracked"]) == 2
         assert stats["bank_k"].shape[0] == (4 if mode == "element" else 0)
-        for r, res in enumerate(results):
-            out_r, xgrad_r, grads_r, stats_r, eval_r = res[mode]
-            sl = slice(3 * r, 3 * r + 3)
-            torch.testing.assert_close(out_r, out[sl], atol=1e-5, rtol=1e-5)
-            # per-rank objective is the mean over its half: its input gradient is W x the global objective's
-            torch.testing.assert_close(xgrad_r / 2, xgrad[sl], atol=1e-5, rtol=1e-5)
-            for k, p in m.named_parameters():
-                torch.testing.assert_close(grads_r[k], p.grad, atol=1e-5, rtol=1e-5, msg=f"{mode}: grad of {k}")
-            for k in _STATS:
-                torch.testing.assert_close(stats_r[k], stats[k], atol=1e-5, rtol=1e-5, msg=f"{mode}: {k}")
-                torch.testing.assert_close(stats_r[k], results[0][mode][3][k], atol=0, rtol=0)  # rank == rank 0
-            torch.testing.assert_close(eval_r, evaluated[sl], atol=1e-5, rtol=1e-5)
+        for res in run.ranks:
+            for k in _STATS:  # rank == rank 0, bitwise
+                torch.testing.assert_close(res[f"stats {mode}"][k], run.ranks[0][f"stats {mode}"][k], atol=0, rtol=0)
 
 
 @pytest.mark.cuda

@@ -14,7 +14,7 @@ import torch
 from batchmates import cli
 from batchmates.curation import Curator, gaussian_frechet_distance
 from batchmates.methods import DataInfo, get_method
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads
 from batchmates.training.config import RunConfig
 
 DIGITS = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8, mean=(0.26,), std=(0.37,),
@@ -171,27 +171,35 @@ def _curated_losses(h1: torch.Tensor, h2: torch.Tensor, y: torch.Tensor) -> dict
     return out
 
 
-def _worker(rank: int, world: int) -> dict:
+def _curation_shard(shard: Shard) -> dict:
     h1, h2, y = _ddp_data()
-    sl = slice(rank * B // world, (rank + 1) * B // world)
-    return _curated_losses(h1[sl], h2[sl], y[sl])
-
-
-def test_curated_losses_exact_on_two_gloo_ranks() -> None:
-    h1, h2, y = _ddp_data()
-    ref = _curated_losses(h1, h2, y)
-    ranks = run_distributed(_worker, 2)
-    for method, r in ref.items():
-        keep = torch.cat([ranks[0][method]["keep"], ranks[1][method]["keep"]])
-        assert torch.equal(keep, r["keep"])  # the global quantile rule, applied identically
-        assert int(keep.sum()) == 10 and keep[: B // 2].sum() != keep[B // 2 :].sum()  # uneven kept counts
-        for k in range(2):
-            torch.testing.assert_close(ranks[k][method]["loss"], r["loss"], rtol=1e-10, atol=1e-12)
-            for g_rank, g_ref in zip(ranks[k][method]["params"], r["params"]):
-                torch.testing.assert_close(g_rank, g_ref, rtol=1e-8, atol=1e-10)
+    rows = shard.rows
+    out = {}
+    for method, r in _curated_losses(h1[rows], h2[rows], y[rows]).items():
+        out[f"{method} loss"], out[f"{method} params"], out[f"{method} keep"] = r["loss"], r["params"], r["keep"]
         # Input gradients: every rank back-propagates its copy of the global loss and the gather's backward sums
         # them, so a rank's features receive W x the single-process gradient (DDP then averages parameter grads).
-        ga = torch.cat([ranks[0][method]["grad_a"], ranks[1][method]["grad_a"]]) / 2
+        out[f"{method} grad_a"], out[f"{method} grad_b"] = r["grad_a"] / shard.world, r["grad_b"] / shard.world
+    return out
+
+
+def test_curated_losses_exact_on_two_gloo_ranks(ddp_contract) -> None:
+    h1, h2, y = _ddp_data()
+    ref = _curated_losses(h1, h2, y)
+    methods = list(ref)
+    per_sample = [f"{m} {k}" for m in methods for k in ("keep", "grad_a", "grad_b")]
+    # gradients within rtol 1e-8, atol 1e-10 (the loss is checked tighter below); keep (bool) exactly
+    run = ddp_contract(_curation_shard, B, concat=per_sample, rtol=1e-8, atol=1e-10)
+    assert run.splits == (9, 7)
+    ranks = run.ranks
+    for method, r in ref.items():
+        keep = torch.cat([res[f"{method} keep"] for res in ranks])
+        assert torch.equal(keep, r["keep"])  # the global quantile rule, applied identically
+        assert int(keep.sum()) == 10
+        assert int(ranks[0][f"{method} keep"].sum()) != int(ranks[1][f"{method} keep"].sum())  # uneven kept counts
+        for res in ranks:
+            torch.testing.assert_close(res[f"{method} loss"], r["loss"], rtol=1e-10, atol=1e-12)
+        ga = torch.cat([res[f"{method} grad_a"] for res in ranks])
         torch.testing.assert_close(ga, r["grad_a"], rtol=1e-8, atol=1e-10)
         assert bool((r["grad_a"][~r["keep"]] == 0).all())  # dropped pairs get no gradient
 

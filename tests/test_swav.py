@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightly.loss import swav_loss as lightly_swav  # test-only reference (pip install -e .[dev])
 
 from batchmates.losses.swav import SwAVLoss, SwAVPrototypes, SwAVQueue, sinkhorn_knopp, swav_loss
-from batchmates.testing import ddp_average_grads, run_distributed
+from batchmates.testing import Shard, ddp_average_grads, ddp_contract
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -440,7 +440,7 @@ def test_queue_validation():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed equivalence (2 gloo ranks, half the batch each, vs one process with all of it)
+# Distributed equivalence (2 gloo ranks on uneven shares of the batch vs one process with all of it)
 # ----------------------------------------------------------------------------------------------------------------
 B, D_IN, D, K, L = 8, 6, 5, 7, 16
 
@@ -457,7 +457,8 @@ def _wide_crops() -> list[torch.Tensor]:
     return [_rand(B, K, seed=410 + i, scale=10.0).float() for i in range(3)]
 
 
-def _swav_run(rows: slice):
+def _swav_shard(shard: Shard):
+    rows = shard.rows
     torch.manual_seed(0)
     enc = torch.nn.Linear(D_IN, D).double()
     protos = SwAVPrototypes(D, K).double()
@@ -485,29 +486,36 @@ def _swav_run(rows: slice):
         out[name] = {
             "loss": loss.detach(),
             "grads": [p.grad.clone() for p in [enc.weight, enc.bias, protos.weight]],
-            "input_grads": [v.grad.clone() for v in xs],
         }
+        # Input gradients: rank r holds the gradient of its rows; DDP does not average inputs, so each rank's
+        # gradient of the (global) loss, divided by W for DDP's averaging of the parameters' objective, matches.
+        out[f"{name} input_grads"] = [v.grad.clone() / shard.world for v in xs]
     return out
 
 
-def _swav_worker(rank: int, world: int):
-    n = B // world
-    return _swav_run(slice(rank * n, (rank + 1) * n))
+_SWAV_CONCAT = ("codes", "codes_wide", "plain input_grads", "queue input_grads")
 
 
 @pytest.fixture(scope="module")
 def swav_distributed():
-    return run_distributed(_swav_worker, 2), _swav_run(slice(0, B))
+    """The contract, run once for the tests below: per-sample keys concatenated over the ranks, the rest equal on
+    every rank to one process's (rtol = atol = 1e-5); the tests add the stricter per-key checks. Module-scoped, so
+    it calls :func:`batchmates.testing.ddp_contract` itself with the conftest fixture's skip."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    run = ddp_contract(_swav_shard, B, concat=_SWAV_CONCAT, rtol=1e-5, atol=1e-5)
+    assert run.splits == (5, 3)  # uneven: the queue length 16 is still a multiple of the global batch 8
+    return run.ranks, run.full, run.splits
 
 
 def test_distributed_sinkhorn_codes(swav_distributed):
-    ranks, full = swav_distributed
+    ranks, full, splits = swav_distributed
     torch.testing.assert_close(torch.cat([r["codes"] for r in ranks]), full["codes"], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(ranks[0]["codes"], sinkhorn_knopp(_swav_inputs()[2][: B // 2], gather=False))
+    assert not torch.allclose(ranks[0]["codes"], sinkhorn_knopp(_swav_inputs()[2][: splits[0]], gather=False))
 
 
 def test_distributed_sinkhorn_float32_wide_scores(swav_distributed):
-    ranks, full = swav_distributed
+    ranks, full, _ = swav_distributed
     wide = _wide_crops()
     codes = torch.cat([r["codes_wide"] for r in ranks])
     assert codes.dtype == torch.float32
@@ -522,20 +530,18 @@ def test_distributed_sinkhorn_float32_wide_scores(swav_distributed):
 
 @pytest.mark.parametrize("case", ["plain", "queue"])
 def test_distributed_swav_loss(swav_distributed, case):
-    ranks, full = swav_distributed
+    ranks, full, _ = swav_distributed
     for r in ranks:
         torch.testing.assert_close(r[case]["loss"], full[case]["loss"], rtol=1e-5, atol=1e-5)
         for g, fg in zip(r[case]["grads"], full[case]["grads"]):
             torch.testing.assert_close(g, fg, rtol=1e-5, atol=1e-5)
-    # Input gradients: rank r holds the gradient of its rows; DDP does not average inputs, so each rank's
-    # gradient of the (global) loss, divided by W for DDP's averaging of the parameters' objective, matches.
-    world = len(ranks)
+    # Input gradients: rank r holds the gradient of its rows, divided by W on the rank (see _swav_shard).
     for v in range(4):
-        got = torch.cat([r[case]["input_grads"][v] for r in ranks]) / world
-        torch.testing.assert_close(got, full[case]["input_grads"][v], rtol=1e-5, atol=1e-5)
+        got = torch.cat([r[f"{case} input_grads"][v] for r in ranks])
+        torch.testing.assert_close(got, full[f"{case} input_grads"][v], rtol=1e-5, atol=1e-5)
 
 
 def test_distributed_queue_identical_on_ranks(swav_distributed):
-    ranks, full = swav_distributed
+    ranks, full, _ = swav_distributed
     for r in ranks:
         torch.testing.assert_close(r["queue_embeddings"], full["queue_embeddings"], rtol=0, atol=0)
