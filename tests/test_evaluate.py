@@ -79,3 +79,49 @@ def test_eval_command_merges_into_metrics(tmp_path, capsys) -> None:
     assert math.isclose(c["mean"], sum(c[k][s] for k in ("gaussian_noise", "invert") for s in ("1", "5")) / 4)
     assert "merged into" in capsys.readouterr().out
     assert main(["eval", str(run), "--corruptions", "--kind", "nope"]) == 2
+
+
+class _LeftRight(torch.nn.Module):
+    """A 'method' whose classifier reads the left and right halves of the image with different weights."""
+
+    has_classifier = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 3)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(self.lin.weight)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_flip_tta_is_reported_beside_top1_only_where_flips_keep_labels(hflip: bool) -> None:
+    from batchmates.data import DatasetSplits, InMemoryImages
+    from batchmates.training.evaluate import classifier_accuracy, evaluate_model
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (64,), generator=g)
+    ds = InMemoryImages(images, labels)
+    splits = DatasetSplits("toy", ds, ds, 3, 1, 4, (0.5,), (0.5,), ("a", "b", "c"), hflip=hflip)
+    model = _LeftRight()
+    with torch.no_grad():  # by hand: mean softmax of each image and its mirror image
+        x = images.float() / 255
+        p = model.lin(x.flatten(1)).softmax(1) + model.lin(x.flip(-1).flatten(1)).softmax(1)
+        plain = float((model.lin(x.flatten(1)).argmax(1) == labels).float().mean())
+    want = float((p.argmax(1) == labels).float().mean())
+    assert want != plain  # the toy model is asymmetric: TTA changes predictions
+    assert classifier_accuracy(model, ds, batch_size=10, flip_tta=True) == pytest.approx(want)
+    acc = evaluate_model(model, splits, ["accuracy"], batch_size=10)["accuracy"]
+    assert acc["top1"] == pytest.approx(plain)  # the headline accuracy never includes TTA
+    assert ("top1_flip_tta" in acc) is hflip
+    if hflip:
+        assert acc["top1_flip_tta"] == pytest.approx(want)

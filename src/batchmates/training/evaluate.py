@@ -19,6 +19,10 @@ Library choices:
 * Features are extracted in eval mode, with batch-relational modules in ``eval_mode="independent"`` unless the
   run says otherwise, so no test prediction depends on the other test images.
 * If the run used label noise, the probes are fitted on the same noisy training labels the method saw.
+* Flip test-time augmentation is reported beside the classifier's top-1, never instead of it: where a horizontal
+  flip preserves labels (the dataset's ``hflip``, the same flag that lets training flip), ``accuracy`` also holds
+  ``top1_flip_tta``, the top-1 of the mean softmax of each test image and its mirror image. ``test_acc`` and the
+  studies use the plain ``top1``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "extract_features",
+    "classifier_accuracies",
     "knn_classify",
     "knn_accuracy",
     "linear_probe",
@@ -64,11 +69,11 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def extract_features(model: Any, ds: Any, *, batch_size: int = 512, classify: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: Any, ds: Any, *, batch_size: int = 512, classify: bool = False,
+                     flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features (``model.embed``) or logits (``classify=True``) of every image of ``ds``, in eval mode.
 
-    Returns ``(float32 [N, D] on CPU, int64 [N] labels)``.
+    ``flip``: of the horizontally mirrored images. Returns ``(float32 [N, D] on CPU, int64 [N] labels)``.
     """
     was_training = model.training
     model.eval()
@@ -79,7 +84,7 @@ def extract_features(model: Any, ds: Any, *, batch_size: int = 512, classify: bo
     feats, labels = [], []
     try:
         for x, y in _split_tensors(ds, batch_size):
-            xn = model.normalize(x.to(dev))
+            xn = model.normalize(x.to(dev).flip(-1) if flip else x.to(dev))
             out = model.classify(xn) if classify else model.embed(xn)
             if out is None:
                 raise ValueError(f"method {getattr(model, 'name', '?')!r} has no classifier (classify returned None)")
@@ -166,9 +171,20 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return {"top1": te_acc, "train_top1": tr_acc}
 
 
-def classifier_accuracy(model: Any, ds: Any, *, batch_size: int = 512) -> float:
+def classifier_accuracy(model: Any, ds: Any, *, batch_size: int = 512, flip_tta: bool = False) -> float:
+    """Top-1 of the method's classifier on ``ds``; ``flip_tta``: of the mean softmax over each image and its mirror."""
+    return classifier_accuracies(model, ds, batch_size=batch_size, flip_tta=flip_tta)[-1]
+
+
+def classifier_accuracies(model: Any, ds: Any, *, batch_size: int = 512, flip_tta: bool = False) -> list[float]:
+    """``[top1]``, or ``[top1, top1 with flip TTA]`` with ``flip_tta`` (one pass over the plain images for both)."""
     logits, labels = extract_features(model, ds, batch_size=batch_size, classify=True)
-    return float((logits.argmax(1) == labels).float().mean())
+    accs = [float((logits.argmax(1) == labels).float().mean())]
+    if flip_tta:
+        mirrored, _ = extract_features(model, ds, batch_size=batch_size, classify=True, flip=True)
+        probs = logits.softmax(1) + mirrored.softmax(1)
+        accs.append(float((probs.argmax(1) == labels).float().mean()))
+    return accs
 
 
 # ---------------------------------------------------------------------------------------------- drivers
@@ -196,8 +212,11 @@ def evaluate_model(model: Any, splits: Any, protocols: Sequence[str] = PROTOCOLS
         if "linear" in protocols or not has_cls:
             results["linear"] = linear_probe(tr_f, tr_y, te_f, te_y, num_classes=num_classes)
     if has_cls:
-        results["accuracy"] = {"top1": classifier_accuracy(model, splits.test, batch_size=batch_size),
-                               "source": "classifier"}
+        accs = classifier_accuracies(model, splits.test, batch_size=batch_size,
+                                     flip_tta=bool(getattr(splits, "hflip", False)))
+        results["accuracy"] = {"top1": accs[0], "source": "classifier"}
+        if len(accs) > 1:
+            results["accuracy"]["top1_flip_tta"] = accs[1]
     else:
         results["accuracy"] = {"top1": results["linear"]["top1"], "source": "linear_probe"}
     if corruptions:

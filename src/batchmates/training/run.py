@@ -328,6 +328,8 @@ def print_run_summary(metrics: dict[str, Any], out: str) -> None:
     acc = metrics["test_acc"]
     parts = [f"test top-1 [bold]{acc:.4f}[/] ({metrics['accuracy_source']})" if acc is not None
              else f"no test accuracy ({metrics['accuracy_source']})"]
+    if "top1_flip_tta" in ev.get("accuracy", {}):
+        parts.append(f"with flip TTA {ev['accuracy']['top1_flip_tta']:.4f}")
     if "knn" in ev:
         parts.append(f"kNN k=20 {ev['knn']['k20']:.4f}, k=200 {ev['knn']['k200']:.4f}")
     if "linear" in ev and metrics["accuracy_source"] != "linear_probe":
