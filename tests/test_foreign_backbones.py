@@ -199,3 +199,49 @@ def test_timm_vit_checkpoint_at_another_size_and_channel_count(tmp_path) -> None
     torch.testing.assert_close(net.model.patch_embed.proj.weight, ref.patch_embed.proj.weight.sum(1, keepdim=True))
     torch.testing.assert_close(net.model.pos_embed[:, 0], ref.pos_embed[:, 0])  # the class token's is kept as is
     assert net(torch.randn(2, 1, 32, 32)).shape == (2, 192)
+
+
+# --- CPU bf16 autocast gets the weight gradient of a convolution on an input smaller than its stride wrong ------
+
+
+def _bf16_weight_grad(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    conv.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    out.float().sum().backward()
+    return conv.weight.grad
+
+
+def test_float32_conv_has_the_exact_weight_gradient_under_cpu_bf16_autocast() -> None:
+    from batchmates.models.conv_guard import Float32Conv2d
+
+    torch.manual_seed(0)
+    conv = Float32Conv2d(16, 32, 3, 2, 1, bias=False)
+    x = torch.randn(8, 16, 1, 1)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    torch.nn.functional.conv2d(x, w, None, 2, 1).sum().backward()
+    for _ in range(20):  # the bare Conv2d is wrong in most such calls (scripts/bf16_conv_check.py)
+        g = _bf16_weight_grad(conv, x)
+        torch.testing.assert_close(g, w.grad, rtol=1e-5, atol=1e-6)
+        assert (g[:, :, [0, 0, 2, 2], [0, 2, 0, 2]] == 0).all()  # corner taps never see the 1x1 input
+    plain = torch.nn.Conv2d(16, 32, 3, 2, 1, bias=False)
+    plain.load_state_dict(conv.state_dict())  # same parameters and keys: a plain checkpoint loads either way
+    y = torch.randn(4, 16, 5, 5)
+    torch.testing.assert_close(conv(y), plain(y))  # outside autocast it is a Conv2d
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision"])
+def test_foreign_resnets_guard_exactly_the_convolutions_on_inputs_smaller_than_their_stride(source) -> None:
+    from batchmates.models.conv_guard import Float32Conv2d
+
+    want = {8: ["layer3.0.conv1", "layer4.0.conv1"], 16: ["layer4.0.conv1"], 32: []}
+    for size, names in want.items():
+        net = create_backbone(f"{source}:resnet18", in_channels=1, image_size=size)
+        assert sorted(net.fp32_convs) == names, size
+        kinds = {n for n, m in net.model.named_modules() if isinstance(m, Float32Conv2d)}
+        assert kinds == set(names)
+        assert all(isinstance(m, torch.nn.Conv2d) for m in net.model.modules() if isinstance(m, Float32Conv2d))
+    clone = copy.deepcopy(net)
+    assert type(dict(clone.model.named_modules())["layer1.0.conv1"]) is torch.nn.Conv2d
+    net8 = create_backbone(f"{source}:resnet18", in_channels=1, image_size=8)
+    assert type(dict(copy.deepcopy(net8).model.named_modules())["layer4.0.conv1"]) is Float32Conv2d

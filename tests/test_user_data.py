@@ -89,6 +89,27 @@ def test_a_users_labelled_dataset_trains_and_reloads(tmp_path) -> None:
         load_dataset("custom:digits")
 
 
+def test_an_interrupted_run_on_a_users_dataset_resumes_with_it(tmp_path) -> None:
+    from batchmates.options import RunError
+    from batchmates.training import resume
+
+    class Other(Digits):
+        pass
+
+    out = tmp_path / "mine"
+    cfg = RunConfig(method="ce", out=str(out), eval_protocols=["accuracy"], checkpoint_every_n_steps=1,
+                    **{**FAST, "max_steps": 2})
+    train(cfg, train_dataset=Digits("train"), test_dataset=Digits("test"), verbose=False)
+    (out / "metrics.json").unlink()  # as if killed after its step-2 checkpoint
+    with pytest.raises(RunError, match=r"torch Dataset of yours \(custom:digits\); pass the same ones back"):
+        resume(str(out), verbose=False)
+    with pytest.raises(RunError, match="trained on 'custom:digits', but train_dataset is 'custom:other'"):
+        resume(str(out), verbose=False, train_dataset=Other("train"), test_dataset=Other("test"))
+    metrics = resume(str(out), verbose=False, train_dataset=Digits("train"), test_dataset=Digits("test"))
+    assert metrics["finished"] and metrics["resumed"] and metrics["steps"] == 2 and metrics["data"] == "custom:digits"
+    assert metrics["test_acc"] > 0.1
+
+
 def test_a_users_unlabelled_dataset_trains_ssl_only(tmp_path) -> None:
     cfg = RunConfig(method="simclr", batch_size=32, out=str(tmp_path / "u"), **FAST)
     metrics = train(cfg, train_dataset=Digits("train", labelled=False), verbose=False)
@@ -101,10 +122,7 @@ def test_a_users_module_as_backbone(tmp_path) -> None:
     import torchvision
 
     torch.manual_seed(0)
-    # lr 0.005: resnet18's first steps on tiny digits at the default 0.05 sit at the edge of divergence, and the
-    # non-finite guard then (rightly) stops some runs; this test is about rebuilding a user's module
-    cfg = RunConfig(method="ce", out=str(tmp_path / "tv"), image_size=16, eval_protocols=["accuracy"], lr=0.005,
-                    **FAST)
+    cfg = RunConfig(method="ce", out=str(tmp_path / "tv"), image_size=16, eval_protocols=["accuracy"], **FAST)
     metrics = train(cfg, backbone=torchvision.models.resnet18(), verbose=False)
     with pytest.raises(ConfigError, match="backbone=MODULE"):
         Method.from_checkpoint(tmp_path / "tv")

@@ -40,6 +40,9 @@ Library choices:
   (:mod:`batchmates.models.foreign_attn`) after the weights are loaded, so a plain checkpoint loads and the new
   layers start from their own initialisation (a file that holds them loads them too).
 * Convolution weights and inputs are channels-last, as in batchmates' own convolutional backbones (CPU speed).
+* Convolutions whose input is smaller than their stride (a ResNet's stride-2 3x3 on a 1x1 map, at 8-16 px) run in
+  float32 under CPU autocast (``fp32_convs`` names them): CPU bf16 computes their weight gradients wrongly
+  (:mod:`batchmates.models.conv_guard`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchmates.models.conv_guard import guard_small_input_convs
 from batchmates.models.foreign_attn import insert_attn_layers
 from batchmates.models.foreign_weights import load_weights_file, timm_filter_fn
 from batchmates.models.layers import Backbone
@@ -169,6 +173,8 @@ class ForeignBackbone(Backbone):
             ) from err
         finally:
             self.train(was)
+        # convolutions on inputs smaller than their stride: wrong weight gradients under CPU bf16 autocast
+        self.fp32_convs = guard_small_input_convs(self.model, self._prepare(x))
         if feats.dim() != 2:
             raise ValueError(
                 f"backbone {self.spec.get('name')!r} returns features of shape {tuple(feats.shape)}, not [N, D]; "

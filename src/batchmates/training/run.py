@@ -342,9 +342,10 @@ def print_run_summary(metrics: dict[str, Any], out: str) -> None:
 
 
 def resume(run_dir: str, *, verbose: bool = True, backbone: Any = None, reevaluate: bool = False,
-           **overrides: Any) -> dict[str, Any]:
+           train_dataset: Any = None, test_dataset: Any = None, **overrides: Any) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from ``run_dir/last.ckpt`` with its saved ``config.yaml`` (``backbone``: a
-    fresh instance of the module a ``train(cfg, backbone=...)`` run was given).
+    fresh instance of the module a ``train(cfg, backbone=...)`` run was given; ``train_dataset`` /
+    ``test_dataset``: the same ``Dataset`` s a ``train(cfg, train_dataset=...)`` run was given).
 
     A finished run is left untouched and its ``metrics.json`` returned (with a message when ``verbose``), unless
     ``reevaluate``: then it is evaluated again and the results are merged into ``metrics.json``.
@@ -367,4 +368,20 @@ def resume(run_dir: str, *, verbose: bool = True, backbone: Any = None, reevalua
         return read_json(os.path.join(run_dir, METRICS_FILE), {})
     check_checkpoint_file(ckpt)
     cfg = RunConfig.from_yaml(cfg_path).replace(out=run_dir, **overrides)
-    return train(cfg, resume_from=ckpt, verbose=verbose, backbone=backbone)
+    given = _same_user_data(run_dir, cfg, train_dataset, test_dataset)
+    return train(cfg, resume_from=ckpt, verbose=verbose, backbone=backbone, train_dataset=given)
+
+
+def _same_user_data(run_dir: str, cfg: RunConfig, train_dataset: Any, test_dataset: Any) -> Any:
+    """The user's datasets for resuming a ``custom:NAME`` run, checked against the name the run recorded."""
+    from batchmates.training.wiring import user_splits
+
+    custom = cfg.data.startswith("custom:")
+    if custom and train_dataset is None:
+        raise RunError(f"resume {run_dir!r}: the run trained on a torch Dataset of yours ({cfg.data}); pass the same "
+                       "ones back: resume(RUN_DIR, train_dataset=..., test_dataset=...) (the CLI cannot)")
+    given = user_splits(cfg, train_dataset, test_dataset)
+    if given is not None and given.name != cfg.data:
+        raise RunError(f"resume {run_dir!r}: the run trained on {cfg.data!r}, but train_dataset is {given.name!r}; "
+                       "pass the datasets the run was started with")
+    return given

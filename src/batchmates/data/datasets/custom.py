@@ -183,7 +183,8 @@ def load_custom(*, argument: str, data_dir: str | os.PathLike | None, download: 
         f"dataset 'custom:{argument}' was a torch Dataset passed to batchmates.training.train(cfg, "
         "train_dataset=..., test_dataset=...); it cannot be loaded by name. Evaluate in Python: "
         "evaluate_model(Method.from_checkpoint(RUN_DIR), splits_from_datasets(train, test)) "
-        "(batchmates.training.evaluate, batchmates.data.datasets.custom)"
+        "(batchmates.training.evaluate, batchmates.data.datasets.custom); continue an interrupted run with "
+        "batchmates.training.resume(RUN_DIR, train_dataset=..., test_dataset=...)"
     )
 
 
