@@ -2,9 +2,9 @@
 
 With torch 2.14.1 on CPU (oneDNN), under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the weight gradient of a
 ``Conv2d`` whose input is spatially smaller than its stride (kernel > 1), e.g. a ResNet's 3x3 stride-2 convolution
-on a 1x1 map, holds uninitialised memory in the taps that never see the input: non-finite in about 1 call in 5,
-finite garbage (up to ~1e36) in most of the others, in single-threaded runs of the same inputs. Float32, and inputs
-at least as large as the stride, are exact. Measured with ``python scripts/bf16_conv_check.py``
+on a 1x1 map, holds uninitialised memory in the taps that never see the input: non-finite in a quarter to a third
+of calls, finite garbage (up to ~1e36) in most of the others, in single-threaded runs of the same inputs.
+Float32, and inputs at least as large as the stride, are exact. Measured with ``python scripts/bf16_conv_check.py``
 (``docs/reliability.md``, "CPU bf16 convolutions"). An ImageNet ResNet-18 (timm or torchvision) on 8-16 px images
 has such convolutions in ``layer3``/``layer4``; batchmates' own backbones have none at their sizes.
 

@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable[..
     # The result is on disk: leave without interpreter finalisation. A gloo worker thread may still hold the last
     # reference to a finished all-reduce's tensors; if it drops them while Python finalises, it needs the GIL,
     # is made to exit, and std::terminate aborts a rank whose work had succeeded (pytorch/pytorch#190489:
-    # destroy_process_group does not join those threads). Seen as SIGABRT in about 1 run in 8 on 2 cores.
+    # destroy_process_group does not join those threads). Seen as SIGABRT in 5 of 30 runs of one test's worker.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
