@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from batchmates.models.layers import create_attn_layer
-from batchmates.nn.ba2m import BA2M
+from batchmates.nn.ba2m import BA2M, update_running_scores
 from batchmates.testing import Shard, ddp_average_grads
 
 torch.set_num_threads(1)
@@ -204,6 +204,10 @@ def test_invalid_inputs_raise_clear_errors() -> None:
         BA2M(8, score="sigmoid")
     with pytest.raises(ValueError, match=r"reduction"):
         BA2M(8, reduction=0)
+    with pytest.raises(ValueError, match=r"eval_form must be 'running'.*'expected'"):
+        BA2M(8, eval_form="mean")
+    with pytest.raises(ValueError, match=r"score_momentum"):
+        BA2M(8, score_momentum=0.0)
 
 
 # --- torch.distributed: 2 gloo ranks on uneven shares of the batch == one process with all of it -------------
@@ -230,6 +234,7 @@ def _ba2m_shard(shard: Shard, state: dict, x: torch.Tensor, t: torch.Tensor, mod
         # the per-rank objective is W x this rank's share: its input gradient is W x the global objective's
         results[f"input grad {mode}"] = xl.grad / shard.world
         results[f"grads {mode}"] = {k: p.grad for k, p in m.named_parameters()}
+        results[f"running_log_z {mode}"] = m.running_log_z.clone()  # the global batch's partition on every rank
     return results
 
 
@@ -267,7 +272,7 @@ def test_cuda_matches_cpu_and_bf16_is_finite() -> None:
 
 @pytest.mark.parametrize("weight_mode", ["scaled", "raw", "residual"])
 def test_independent_eval_multiplies_by_the_expected_training_factor(weight_mode: str) -> None:
-    m = _make(weight_mode=weight_mode)
+    m = _make(weight_mode=weight_mode, eval_form="expected")
     x = _x(n=4)
     # never trained: the batch-size-1 factor
     assert int(m.n_train) == 0
@@ -283,9 +288,106 @@ def test_independent_eval_multiplies_by_the_expected_training_factor(weight_mode
     torch.testing.assert_close(m(x), x * expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(m.sample_scales(x), torch.full((4,), expected, dtype=DT))
     # a checkpoint carries N_train
-    fresh = BA2M(8, reduction=2, dilation=2, weight_mode=weight_mode).to(DT)
+    fresh = BA2M(8, reduction=2, dilation=2, weight_mode=weight_mode, eval_form="expected").to(DT)
     fresh.load_state_dict(m.state_dict())
     torch.testing.assert_close(fresh.eval()(x), m(x), atol=0, rtol=0)
+
+
+# --- independent eval, eval_form="running": each sample against the training batches' partition function ----
+
+
+def _log_mean_exp(a: torch.Tensor) -> float:
+    return float(torch.log(torch.exp(a.detach()).mean()))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_partition_follows_the_training_batches(momentum: float | None) -> None:
+    m = _make(score_momentum=momentum).train()
+    want = None
+    for k, seed in enumerate((4, 5, 6)):
+        xt = _x(n=5 + k, seed=seed)
+        z = _log_mean_exp(_reference_scores(m, xt, batch_stats=True))  # before the forward moves BN's statistics
+        m(xt)
+        # the first batch sets it; then BatchNorm's rule (momentum) or the cumulative mean (None)
+        want = z if want is None else (want + (z - want) * (momentum if momentum is not None else 1 / (k + 1)))
+        assert int(m.z_tracked) == k + 1
+        assert float(m.running_log_z) == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("weight_mode", ["scaled", "raw", "residual"])
+def test_running_eval_weights_each_sample_by_its_own_score(weight_mode: str) -> None:
+    m = _make(weight_mode=weight_mode)
+    assert m.eval_form == "running"  # the default
+    m.train()(_x(n=6, seed=4))
+    m.eval()
+    x = _x(n=4)
+    rel = torch.exp(_reference_scores(m, x, batch_stats=False) - m.running_log_z)
+    want = {"scaled": rel, "raw": rel / 6, "residual": 1 + rel / 6}[weight_mode]
+    torch.testing.assert_close(m.sample_scales(x), want, atol=1e-12, rtol=1e-10)
+    out = m(x)
+    torch.testing.assert_close(out, x * want.view(-1, 1, 1, 1), atol=1e-12, rtol=1e-10)
+    assert float(want.max() - want.min()) > 1e-4  # a per-sample factor, unlike the expected form's constant
+    # no sample depends on its batch mates: changing them, or predicting one at a time, changes nothing
+    x2 = x.clone()
+    x2[1:] = _x(n=4, seed=9)[1:]
+    torch.testing.assert_close(m(x2)[0], out[0], atol=0, rtol=0)
+    for i in range(4):
+        torch.testing.assert_close(m(x[i : i + 1]), out[i : i + 1], atol=1e-14, rtol=1e-12)
+
+
+def test_running_eval_equals_batch_eval_when_the_partition_is_the_batchs_own() -> None:
+    # The two eval forms agree exactly when the running partition equals the test batch's: what ties "running"
+    # to the batch weighting it replaces.
+    m = _make().eval()
+    x = _x(n=5)
+    with torch.no_grad():
+        m.running_log_z.fill_(_log_mean_exp(m.attention_scores(x)))
+        m.z_tracked.fill_(1)
+    independent = m(x)
+    m.eval_mode = "batch"
+    torch.testing.assert_close(independent, m(x), atol=1e-12, rtol=1e-10)
+
+
+def test_checkpoint_without_the_partition_evaluates_as_the_expected_form() -> None:
+    m = _make(weight_mode="raw")
+    m.train()(_x(n=6, seed=4))
+    old = {k: v for k, v in m.state_dict().items() if k not in ("running_log_z", "z_tracked")}  # an older file
+    fresh = BA2M(8, reduction=2, dilation=2, weight_mode="raw").to(DT)
+    fresh.load_state_dict(old)  # strict: the missing buffers load as "nothing tracked"
+    assert int(fresh.z_tracked) == 0 and fresh.eval_form == "running"
+    x = _x(n=4)
+    torch.testing.assert_close(fresh.eval()(x), x / 6, atol=1e-12, rtol=1e-12)  # 1/N_train, as before
+    fresh.load_state_dict(m.state_dict())  # a new file carries it
+    torch.testing.assert_close(fresh(x), m.eval()(x), atol=0, rtol=0)
+
+
+def test_update_running_scores_recomputes_only_the_partition() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                BA2M(8, reduction=2, dilation=2)).to(DT)
+    model.eval()
+    ba2m = model[2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(6, 3, 6, 5, dtype=DT), torch.zeros(6)) for _ in range(3)]
+    assert update_running_scores(model, batches) == 3
+    # the cumulative mean of each batch's log-mean-exp, scored in training mode (batch statistics)
+    want = []
+    with torch.no_grad():
+        for x, _ in batches:
+            h = F.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias, True)
+            want.append(_log_mean_exp(_reference_scores(ba2m, h, batch_stats=True)))
+    assert float(ba2m.running_log_z) == pytest.approx(sum(want) / 3, rel=1e-10)
+    assert int(ba2m.z_tracked) == 3 and ba2m.score_momentum == 0.1
+    after = model.state_dict()
+    for k, v in before.items():  # BatchNorm statistics, n_train: as they were
+        if k.rsplit(".", 1)[-1] not in ("running_log_z", "z_tracked"):
+            torch.testing.assert_close(after[k], v, atol=0, rtol=0)
+    assert not any(mod.training for mod in model.modules())
+    with pytest.raises(ValueError, match="no BA2M layer"):
+        update_running_scores(torch.nn.Linear(2, 2), batches)
+    with pytest.raises(ValueError, match="yielded nothing"):
+        update_running_scores(model, [])
+    assert int(ba2m.z_tracked) == 3  # a failed call keeps the partition it had
 
 
 def test_bounded_scores_lie_in_0_1_and_weights_within_a_factor_e() -> None:

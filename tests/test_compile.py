@@ -115,3 +115,15 @@ def test_default_checks_run_on_cpu(make):
     bad[0].view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         module(*bad)
+
+
+def test_ba2m_running_eval_has_no_graph_break() -> None:
+    """Independent eval with the running partition (BA²M's default eval form) compiles whole too."""
+    module = BA2M(16, check_finite=False)
+    x = _g(4, 16, 6, 6)
+    with torch.no_grad():
+        module.train()(x)  # one tracked batch, so the running form is in use
+    torch._dynamo.reset()
+    out = torch._dynamo.explain(module.eval())(x)
+    assert int(module.z_tracked) == 1 and module.eval_form == "running"
+    assert out.graph_break_count == 0, [str(b.reason) for b in out.break_reasons]

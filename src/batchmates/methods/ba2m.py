@@ -22,9 +22,10 @@ Library choices:
   expected training factor (1/N_train) its test accuracy no longer collapses to chance.
 * The same per-dataset defaults as ``ce`` (same backbone, budget and schedule), so ``ce`` vs ``ba2m`` isolates
   the attention module.
-* Test predictions use the module's ``eval_mode`` (``"independent"`` by default: each layer multiplies by its
-  expected training factor, so no prediction depends on the other test images; ``--eval-mode batch`` keeps the
-  batch weighting).
+* Test predictions use the module's ``eval_mode`` (``"independent"`` by default: no prediction depends on the
+  other test images; ``--eval-mode batch`` keeps the batch weighting). Independent eval weights each test sample
+  by its own score against the running partition function kept in training (``eval_form=running``, default) or
+  multiplies by each layer's expected training factor (``eval_form=expected``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class BA2MMethod(CrossEntropy):
                             "of every block) or stage (once per stage output)", choices=("block", "stage")),
         "reduction": Option(int, 16, "channel reduction r of the three attention branches (ours: 16)", minimum=1),
         "dilation": Option(int, 4, "dilation d of the local spatial branch's 3x3 conv (ours: 4)", minimum=1),
+        "eval_form": Option(str, "running", "independent eval: running (each sample's score against the training "
+                            "batches' running partition function, as BatchNorm keeps statistics; default) or "
+                            "expected (the mean training factor, the same for every sample)",
+                            choices=("running", "expected")),
     }
 
     def build_backbone(self) -> nn.Module:
@@ -78,6 +83,7 @@ class BA2MMethod(CrossEntropy):
                 "dilation": self.opts["dilation"],
                 "weight_mode": self.opts["weight_mode"],
                 "score": self.opts["score"],
+                "eval_form": self.opts["eval_form"],
                 "eval_mode": self.cfg.eval_mode,
             },
         )

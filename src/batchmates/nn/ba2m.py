@@ -28,12 +28,31 @@ Library choices:
 * ``weight_mode``: ``"scaled"`` (default) ``s_i = N·w_i``, so the mean factor is 1 and N = 1 is the identity;
   ``"raw"`` ``s_i = w_i`` as the equations read (mean factor 1/N: the next layer's input shrinks N-fold);
   ``"residual"`` ``s_i = 1 + w_i``.
-* ``eval_mode="independent"`` (default): in ``eval()`` a sample's output never depends on its batch mates; the
-  layer multiplies by the **expected training factor** of its weight mode, so eval sees what training saw on
-  average: 1 for ``"scaled"``, ``1/N_train`` for ``"raw"``, ``1 + 1/N_train`` for ``"residual"``. ``N_train`` is the
-  global batch size of the last training forward, kept in the buffer ``n_train`` so a checkpoint carries it (our
-  trainer drops the last incomplete batch, so it is the configured batch size). A layer that never ran in
-  training (``n_train == 0``) uses its batch-size-1 factor. ``eval_mode="batch"`` keeps the batch weighting in eval.
+* ``eval_mode="independent"`` (default): in ``eval()`` a sample's output never depends on its batch mates. How
+  the layer replaces the batch is ``eval_form``:
+
+  - ``"running"`` (default): keep the training batches' partition function as BatchNorm keeps its statistics,
+    and weight each test sample by its own score against it: ``N·w_i = exp(A_i) / mean_j exp(A_j)`` becomes
+    ``exp(A_i - log Z)``, with ``log Z`` a running mean (``score_momentum``, as BatchNorm's ``momentum``; ``None``
+    is a cumulative mean) of each training batch's ``log mean_j exp(A_j)`` over the global batch, kept in the
+    buffer ``running_log_z``. ``"raw"`` divides that by ``N_train`` and ``"residual"`` adds 1. A layer with no
+    tracked batch (``z_tracked == 0``: never trained, or loaded from a checkpoint written before this buffer
+    existed) falls back to ``"expected"``, so old checkpoints evaluate as they did; :func:`update_running_scores`
+    fills the buffer of a trained model with one pass over training batches, as ``torch.optim.swa_utils.update_bn``
+    does for BatchNorm.
+  - ``"expected"`` (METHODS.md's first choice, the default until the study below): multiply every sample by the
+    **expected training factor** of its weight mode: 1 for ``"scaled"``, ``1/N_train`` for ``"raw"``,
+    ``1 + 1/N_train`` for ``"residual"``. For ``"scaled"`` that is the identity: the attention is off at test.
+
+  Why ``"running"`` is the default (measured, ``scripts/ba2m_eval_forms.py``, docs/results.md "BA²M's eval
+  forms"): on the five Fashion-MNIST study runs it is within 0.06 pp of batch eval on every seed, while
+  ``"expected"`` lost 2 pp on one seed of five. Neither form equals a batch of one (METHODS.md's general rule):
+  both replace the batch by what training saw, as BatchNorm does.
+
+  ``N_train`` is the global batch size of the last training forward, kept in the buffer ``n_train`` so a
+  checkpoint carries it (our trainer drops the last incomplete batch, so it is the configured batch size). A
+  layer that never ran in training (``n_train == 0``) uses its batch-size-1 factor. ``eval_mode="batch"`` keeps
+  the batch weighting in eval.
 * Channel branch: FC_0 (C -> C/r), ReLU, FC_1 (C/r -> C), BN(C). The ReLU between the two FCs is ours (as in
   BAM's MLP, Park et al. 2018); without it the two FCs would be one linear map.
 * Local spatial branch: ReLU after g_0 and g_1 (as in BAM, on which this branch is modelled), BN(1) last.
@@ -59,6 +78,10 @@ batch weighting itself is always global.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,10 +89,12 @@ from torch import nn
 from batchmates import distributed
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
 
-__all__ = ["BA2M", "WEIGHT_MODES", "SCORE_MODES", "batch_softmax_weights", "expected_training_factor"]
+__all__ = ["BA2M", "WEIGHT_MODES", "SCORE_MODES", "EVAL_FORMS", "batch_softmax_weights", "expected_training_factor",
+           "update_running_scores"]
 
 WEIGHT_MODES: tuple[str, ...] = ("scaled", "raw", "residual")
 SCORE_MODES: tuple[str, ...] = ("bounded", "literal")
+EVAL_FORMS: tuple[str, ...] = ("expected", "running")
 
 
 class _SafeBatchNormMixin:
@@ -115,6 +140,12 @@ def batch_softmax_weights(scores: torch.Tensor, *, gather: bool = True) -> tuple
         ``(w, n_global)``: this rank's slice ``[n]`` of the global softmax weights (float32, or float64 for
         float64 scores) and the global batch size.
     """
+    w, n_global, _ = _batch_softmax(scores, gather=gather)
+    return w, n_global
+
+
+def _batch_softmax(scores: torch.Tensor, *, gather: bool) -> tuple[torch.Tensor, int, torch.Tensor]:
+    # batch_softmax_weights plus the (detached) log-sum-exp of the global scores, for the running partition.
     if scores.dim() != 1:
         raise ValueError(f"scores must be a 1-D tensor [n] of per-sample scores, got shape {tuple(scores.shape)}")
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
@@ -123,8 +154,8 @@ def batch_softmax_weights(scores: torch.Tensor, *, gather: bool = True) -> tuple
     if gather and distributed.is_distributed():
         s_all = distributed.gather(s)
         w = torch.softmax(s_all, dim=0)[distributed.local_slice(n)]
-        return w, s_all.shape[0]
-    return torch.softmax(s, dim=0), n
+        return w, s_all.shape[0], torch.logsumexp(s_all.detach(), dim=0)
+    return torch.softmax(s, dim=0), n, torch.logsumexp(s.detach(), dim=0)
 
 
 def expected_training_factor(weight_mode: str, n_train: int) -> float:
@@ -152,10 +183,15 @@ class BA2M(nn.Module):
         dilation: d, the dilation of the local spatial branch's 3x3 conv (ours: 4).
         weight_mode: ``"scaled"`` (``x * N * w``; default), ``"raw"`` (``x * w``, the equations) or
             ``"residual"`` (``x * (1 + w)``).
-        eval_mode: ``"independent"`` (default; in ``eval()`` multiply by the expected training factor of
-            ``weight_mode``) or ``"batch"`` (batch weighting in eval).
+        eval_mode: ``"independent"`` (default; in ``eval()`` no sample depends on another, see ``eval_form``) or
+            ``"batch"`` (batch weighting in eval).
         score: ``"bounded"`` (default; ``mean(sigmoid(max(...)))``, stable) or ``"literal"`` (the unbounded
             ``mean(max(...))`` of the equations; its batch softmax is nearly one-hot at initialisation).
+        eval_form: how independent eval replaces the batch: ``"running"`` (default; each sample's own score
+            against the running partition function of the training batches) or ``"expected"`` (the expected
+            training factor of ``weight_mode``, the same for every sample); see the module docstring.
+        score_momentum: momentum of the running partition function, as BatchNorm's ``momentum`` (``None``: a
+            cumulative mean over every tracked batch). The first tracked batch sets it.
         gather: under ``torch.distributed``, weight over the global batch (default) or only the local one.
         min_hidden: lower bound of the hidden width ``max(min_hidden, C // r)``.
         check_finite: raise ``ValueError`` on NaN/Inf input. ``None`` (default): check on CPU only, where it is
@@ -164,6 +200,8 @@ class BA2M(nn.Module):
     """
 
     n_train: torch.Tensor
+    running_log_z: torch.Tensor
+    z_tracked: torch.Tensor
 
     def __init__(
         self,
@@ -174,6 +212,8 @@ class BA2M(nn.Module):
         eval_mode: str = "independent",
         *,
         score: str = "bounded",
+        eval_form: str = "running",
+        score_momentum: float | None = 0.1,
         gather: bool = True,
         min_hidden: int = 4,
         check_finite: bool | None = None,
@@ -191,7 +231,18 @@ class BA2M(nn.Module):
                 f"BA2M: score must be 'bounded' (mean of sigmoid(max), stable; default) or 'literal' (the paper's "
                 f"unbounded mean(max)), got {score!r}"
             )
+        if eval_form not in EVAL_FORMS:
+            raise ValueError(
+                f"BA2M: eval_form must be 'running' (each sample's score against the training batches' running "
+                f"partition function; default) or 'expected' (the expected training factor), got {eval_form!r}"
+            )
+        if score_momentum is not None and not (isinstance(score_momentum, (int, float))
+                                               and not isinstance(score_momentum, bool) and 0 < score_momentum <= 1):
+            raise ValueError(f"BA2M: score_momentum must be a float in (0, 1] or None (cumulative mean), "
+                             f"got {score_momentum!r}")
         self.channels = channels
+        self.eval_form = eval_form
+        self.score_momentum = None if score_momentum is None else float(score_momentum)
         self.weight_mode = weight_mode
         self.eval_mode = check_eval_mode(eval_mode)
         self.score = score
@@ -220,11 +271,21 @@ class BA2M(nn.Module):
 
         # Global training batch size of the last training forward (0: never trained); see expected_factor().
         self.register_buffer("n_train", torch.zeros((), dtype=torch.long, device=device))
+        # Running mean of log(mean_j exp(A_j)) over training batches, and how many batches it holds; see eval_form.
+        self.register_buffer("running_log_z", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("z_tracked", torch.zeros((), dtype=torch.long, device=device))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint written before the running partition existed loads with nothing tracked (eval_form
+        # "running" then falls back to "expected", so it evaluates as it did).
+        for name in ("running_log_z", "z_tracked"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden={self.hidden}, weight_mode={self.weight_mode!r}, "
-            f"score={self.score!r}, eval_mode={self.eval_mode!r}, gather={self.gather}"
+            f"score={self.score!r}, eval_mode={self.eval_mode!r}, eval_form={self.eval_form!r}, gather={self.gather}"
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -275,16 +336,27 @@ class BA2M(nn.Module):
 
     def sample_weights(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's batch-softmax weights ``w`` ``[N]`` (float32+); positive, summing to 1 over the global batch."""
-        return self._weights(x)[0]
+        return _batch_softmax(self._finite_scores(x), gather=self.gather)[0]
 
-    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _finite_scores(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.attention_scores(x)
         if finite_check_enabled(self.check_finite, scores) and not bool(torch.isfinite(scores).all()):
             raise ValueError(
                 "BA2M: the per-sample attention scores are not finite (the network diverged inside the layer; "
                 "a lower learning rate usually helps). (check_finite=False skips this check.)"
             )
-        return batch_softmax_weights(scores, gather=self.gather)
+        return scores
+
+    @torch.no_grad()
+    def _track_partition(self, log_z: torch.Tensor) -> None:
+        # running_log_z <- lerp(running_log_z, log_z, m) as tensor maths (no host sync); the first batch sets it.
+        seen = self.z_tracked.to(torch.float32)
+        if self.score_momentum is None:
+            m = 1.0 / (seen + 1.0)
+        else:
+            m = torch.where(seen > 0, torch.full_like(seen, self.score_momentum), torch.ones_like(seen))
+        self.running_log_z.lerp_(log_z.to(self.running_log_z.dtype), m)
+        self.z_tracked.add_(1)
 
     def expected_factor(self) -> float:
         """The factor independent eval multiplies by: the mean training factor of ``weight_mode`` at ``n_train``."""
@@ -295,14 +367,26 @@ class BA2M(nn.Module):
         inv_n = 1.0 / self.n_train.clamp(min=1).to(torch.float64)
         return {"scaled": torch.ones_like(inv_n), "raw": inv_n, "residual": 1.0 + inv_n}[self.weight_mode]
 
+    def _independent_scales(self, x: torch.Tensor) -> torch.Tensor:
+        # Independent eval's factor [N] (float32+) under eval_form; no sample depends on another.
+        expected = self._expected_factor_tensor()
+        if self.eval_form == "expected":
+            self._check_input(x)
+            return expected.expand(x.shape[0])
+        scores = self._finite_scores(x)
+        rel = torch.exp(scores - self.running_log_z.to(scores.dtype))  # N·w_i against the training batches
+        inv_n = 1.0 / self.n_train.clamp(min=1).to(rel.dtype)
+        running = {"scaled": rel, "raw": rel * inv_n, "residual": 1.0 + rel * inv_n}[self.weight_mode]
+        return torch.where(self.z_tracked > 0, running, expected.to(running.dtype))
+
     def sample_scales(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample factor ``s_i`` that :meth:`forward` multiplies ``x_i`` by, ``[N]``."""
         if not uses_batch(self, self.eval_mode):
-            self._check_input(x)
-            return self._expected_factor_tensor().to(x.dtype).expand(x.shape[0])
-        w, n_global = self._weights(x)
+            return self._independent_scales(x).to(x.dtype)
+        w, n_global, lse = _batch_softmax(self._finite_scores(x), gather=self.gather)
         if self.training:
             self.n_train.fill_(n_global)
+            self._track_partition(lse - math.log(n_global))
         if self.weight_mode == "scaled":
             return w * n_global
         if self.weight_mode == "raw":
@@ -310,8 +394,54 @@ class BA2M(nn.Module):
         return 1.0 + w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_batch(self, self.eval_mode):
+        if not uses_batch(self, self.eval_mode) and self.eval_form == "expected":
             self._check_input(x)
             return x if self.weight_mode == "scaled" else x * self._expected_factor_tensor().to(x.dtype)
         s = self.sample_scales(x)
         return x * s.to(x.dtype).view(-1, 1, 1, 1)
+
+
+@torch.no_grad()
+def update_running_scores(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None) -> int:
+    """Recompute the running partition function of every :class:`BA2M` in ``model`` from training batches.
+
+    For a model trained before ``running_log_z`` existed (or to re-estimate it with the final weights), as
+    ``torch.optim.swa_utils.update_bn`` does for BatchNorm: each BA²M layer's partition is reset and set to the
+    cumulative mean over ``batches``, computed in training mode as training computed it. Every other buffer
+    (BatchNorm statistics, ``n_train``) and every module's train/eval flag are restored afterwards, so nothing else
+    changes. ``batches`` yields input tensors or tuples/lists whose first element is the input; ``max_batches``
+    stops early. Returns the number of batches used. Under ``torch.distributed`` call it on every rank.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BA2M)]
+    if not layers:
+        raise ValueError("update_running_scores: model has no BA2M layer")
+    keep = {name: buf.clone() for name, buf in model.named_buffers()}
+    flags = {m: m.training for m in model.modules()}
+    momenta = {m: m.score_momentum for m in layers}
+    device = next(iter(keep.values())).device
+    used = 0
+    try:
+        for m in layers:
+            m.z_tracked.zero_()
+            m.score_momentum = None  # cumulative mean
+        model.train()
+        for batch in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            used += 1
+    finally:  # restore everything but the new partitions (all of it when nothing ran)
+        tracked = {m: (m.running_log_z.clone(), m.z_tracked.clone()) for m in layers} if used else {}
+        for name, buf in model.named_buffers():
+            buf.copy_(keep[name])
+        for m in layers:
+            if m in tracked:
+                m.running_log_z.copy_(tracked[m][0])
+                m.z_tracked.copy_(tracked[m][1])
+            m.score_momentum = momenta[m]
+        for mod, flag in flags.items():
+            mod.training = flag
+    if used == 0:
+        raise ValueError("update_running_scores: batches yielded nothing; pass an iterable of training batches")
+    return used
