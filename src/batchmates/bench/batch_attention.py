@@ -16,6 +16,11 @@ parameters and the input, as they would flow into the rest of a network), median
   of self-attention.
 * ``eiba-memory``: EIBA block training-step peak memory for two chunk sizes, with and without per-chunk
   recomputation (checkpointing). Target: memory bounded by the chunk size.
+* ``token-attention``: the attention call alone (forward + backward into q, k, v), torch's fused
+  ``F.scaled_dot_product_attention`` vs the library's :func:`batchmates.nn._sdpa.attention` (explicit float32 on
+  the CPU for short sequences, the fused call otherwise), in float32 and under bf16 autocast, at the ViT's shape
+  (49 tokens) and at BA²M's non-local shape on a 28x28 map (784 positions, where the library also calls the
+  fused kernel). It is what decides the rule in ``nn/_sdpa.py``.
 
 Each row's ``extra`` holds parameter counts and the overhead relative to the baseline of its case.
 ``quick=True`` uses tiny shapes (seconds on CPU). Run with ``batchmates bench modules``.
@@ -33,6 +38,7 @@ from batchmates.bench.common import BenchRow, hardware_description, measure
 from batchmates.models import count_parameters
 from batchmates.models.layers import create_attn_layer
 from batchmates.models.vit import ViTBlock
+from batchmates.nn._sdpa import attention
 
 __all__ = ["run", "BasicBlock"]
 
@@ -51,6 +57,19 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.attn(self.bn2(self.conv2(out))) + x)
+
+
+class _Attend(nn.Module):
+    """``attention(x, x/2, x)`` by ``fn``, optionally under bf16 autocast: the attention call alone."""
+
+    def __init__(self, fn: Any, bf16: bool) -> None:
+        super().__init__()
+        self.fn, self.bf16 = fn, bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
+            xin = x.to(torch.bfloat16) if self.bf16 else x  # as a bf16 Linear hands them over under autocast
+            return self.fn(xin, xin * 0.5, xin).float()
 
 
 def _step(module: nn.Module, x: torch.Tensor):
@@ -86,7 +105,7 @@ def _rows_for_case(
 
 
 def run(device: str, quick: bool) -> list[BenchRow]:
-    """Run the three benchmarks on ``device``; ``quick`` uses tiny shapes."""
+    """Run the four benchmarks on ``device``; ``quick`` uses tiny shapes."""
     dev = torch.device(device)
     hw = hardware_description(dev)
     rows: list[BenchRow] = []
@@ -139,4 +158,14 @@ def run(device: str, quick: bool) -> list[BenchRow]:
     impls = {"self": ViTBlock(dim, heads, "self"), **impls}
     rows += _rows_for_case("eiba-memory", f"B={mem_batch} T={tokens} D={dim} H={heads}", impls, x, dev, hw, "self",
                            iters)
+
+    # --- the attention call alone: torch's fused kernel vs the library's rule ---------------------------------
+    shapes = [(4, 2, 16, 8)] if quick else [(128, 4, 49, 32), (128, 1, 784, 4)]
+    for shape in shapes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=g).to(dev).requires_grad_(True)
+        for bf16 in (False, True):
+            impls = {"fused": _Attend(F.scaled_dot_product_attention, bf16), "batchmates": _Attend(attention, bf16)}
+            case = f"B={shape[0]} H={shape[1]} T={shape[2]} d={shape[3]} {'bf16' if bf16 else 'fp32'}"
+            rows += _rows_for_case("token-attention", case, impls, x, dev, hw, "fused", iters)
     return rows

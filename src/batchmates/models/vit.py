@@ -29,10 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchmates.models.layers import Backbone
+from batchmates.nn._sdpa import attention
 from batchmates.nn.intra_batch_attention import IntraBatchAttention
 from batchmates.registry import Registry, UnknownNameError
 
@@ -76,7 +76,7 @@ def create_token_mixer(name: str, dim: int, num_heads: int, **kwargs: Any) -> nn
 
 @register_token_mixer("self")
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the tokens of each sample (qkv Linear, SDPA, output projection)."""
+    """Multi-head self-attention over the tokens of each sample (qkv Linear, ``nn._sdpa.attention``, projection)."""
 
     def __init__(self, dim: int, num_heads: int = 4, *, qkv_bias: bool = True, attn_drop: float = 0.0) -> None:
         super().__init__()
@@ -91,7 +91,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.0)
+        out = attention(qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -14,10 +14,10 @@ means are all-reduced sums over the global count and EIBA gathers K and V with a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from batchmates import distributed
+from batchmates.nn._sdpa import attention
 
 __all__ = [
     "IBA_MODES",
@@ -87,7 +87,7 @@ def attend_to_means(q: torch.Tensor, k_bar: torch.Tensor, v_bar: torch.Tensor) -
     b = q.shape[0]
     k_bar = k_bar.to(q.dtype).expand(b, -1, -1, -1)
     v_bar = v_bar.to(q.dtype).expand(b, -1, -1, -1)
-    return F.scaled_dot_product_attention(q, k_bar, v_bar)
+    return attention(q, k_bar, v_bar)
 
 
 def mean_batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gather: bool = True) -> torch.Tensor:

@@ -88,6 +88,7 @@ from torch import nn
 
 from batchmates import distributed
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
+from batchmates.nn._sdpa import attention
 
 __all__ = ["BA2M", "WEIGHT_MODES", "SCORE_MODES", "EVAL_FORMS", "batch_softmax_weights", "expected_training_factor",
            "update_running_scores"]
@@ -320,10 +321,10 @@ class BA2M(nn.Module):
         loc = red[:, : self.hidden]
         a_ls = self.local_bn(self.local_out(F.relu(self.local_dilated(F.relu(loc)))))
         # A_GS: [N, 1, H, W]; softmax(theta^T phi) over positions, no scaling (embedded Gaussian).
-        # Token-major and contiguous ([N, 1, HW, 3h]) so SDPA can use its fused memory-efficient kernel.
+        # Token-major and contiguous ([N, 1, HW, 3h]) so the fused kernel (long maps; nn._sdpa) runs without copies.
         qkv = red[:, self.hidden :].flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
         q, k, v = qkv.split(self.hidden, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [N, 1, HW, h]
+        y = attention(q, k, v, scale=1.0)  # [N, 1, HW, h]
         y = y.squeeze(1).transpose(1, 2).reshape(n, self.hidden, h, w)
         a_gs = self.nl_out(y)
         # max over the three (broadcast to C x H x W), mean over all elements -> one scalar per sample.

@@ -45,6 +45,7 @@ from torch import nn
 
 from batchmates import distributed
 from batchmates.nn._eval_mode import check_eval_mode, finite_check_enabled, uses_batch
+from batchmates.nn._sdpa import attention
 
 __all__ = ["BatchFormer"]
 
@@ -147,7 +148,7 @@ class BatchFormer(nn.Module):
         acc = torch.float64 if out_dtype == torch.float64 else torch.float32
         p = self.dropout if self.training else 0.0
         with torch.autocast(device_type=xq.device.type, enabled=False):
-            o = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), dropout_p=p)
+            o = attention(q.to(acc), k.to(acc), v.to(acc), dropout_p=p)
         o = o.to(out_dtype)
         o = o.transpose(1, 2).reshape(-1, d) if across_batch else o.reshape(-1, d)
         return self.out_proj(o)

@@ -51,7 +51,6 @@ Library choices (our reconstruction from those names; the paper's equations were
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchmates import distributed
@@ -66,6 +65,7 @@ from batchmates.nn._iba_ops import (
     intra_batch_attention,
     mean_batch_attention,
 )
+from batchmates.nn._sdpa import attention
 
 __all__ = [
     "IntraBatchAttention",
@@ -296,7 +296,7 @@ class IntraBatchAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, N, d] each
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         iba = self._batch_term(q, k, v) if uses_batch(self, self.eval_mode) else self._eval_term(q, k, v, out)
         if iba is not None:
             out = torch.lerp(out, iba.to(out.dtype), 0.5)  # ½(SA + IBA) in one kernel; exactly SA when IBA == SA
