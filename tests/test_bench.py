@@ -75,7 +75,11 @@ def test_module_benchmarks_quick_run():
     from batchmates.bench import batch_attention, batch_transformer
 
     rows = batch_attention.run("cpu", quick=True) + batch_transformer.run("cpu", quick=True)
-    assert {r.benchmark for r in rows} == {"resnet-block", "vit-block", "eiba-memory", "batch-transformer-head"}
+    assert {r.benchmark for r in rows} == {"resnet-block", "vit-block", "eiba-memory", "token-attention",
+                                           "batch-transformer-head"}
+    attn = [r for r in rows if r.benchmark == "token-attention"]
+    want = {(p, i) for p in ("fp32", "bf16") for i in ("fused", "batchmates")}
+    assert {(r.case.split()[-1], r.impl) for r in attn} == want
     assert all(math.isfinite(r.time_ms) and r.time_ms > 0 for r in rows)
     ba2m = [r for r in rows if r.benchmark == "resnet-block" and r.impl == "ba2m"]
     assert ba2m and ba2m[0].extra["attn_params"] > 0
