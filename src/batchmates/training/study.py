@@ -32,7 +32,8 @@ probe), ``linear``, ``knn20``, ``knn200``, ``corruptions`` (mean over kinds and 
 
 Running: every run lives in ``DIR/<variant>/seed<k>`` (compare's layout and its run planning, checks and
 skip/resume: :func:`batchmates.training.compare.plan_runs`); runs go seed by seed, so a study stopped early
-still covers every variant; ``jobs`` runs train side by side in worker processes. After every finished run the
+still covers every variant; ``jobs`` runs train side by side in worker processes, and Ctrl-C or SIGTERM stops
+all of them (:mod:`.workers`; a stopped run resumes from its last checkpoint). After every finished run the
 report is regenerated (``DIR/results.json``, ``DIR/results.md``, plots: :mod:`.study_report`), so partial
 results can be committed while the study goes on. Rerunning the study on a finished directory trains nothing
 and rewrites the same report; ``report_only`` never trains (it reports what is there).
@@ -298,20 +299,22 @@ def run_study(path: str, out: str, *, seeds: Sequence[int] | None = None, jobs: 
         for p in pending:
             done(p, *_run_one(p, study.severities, verbose))
     elif pending:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         from batchmates.training.threads import share_cores  # each worker's runs use the free cores / jobs
+        from batchmates.training.workers import run_in_workers
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=share_cores,
-                                 initargs=(jobs,)) as pool:
-            futures = {pool.submit(_run_one, p, study.severities, False): p for p in pending}
-            for fut in as_completed(futures):
-                try:
-                    status, action = fut.result()
-                except Exception as e:  # noqa: BLE001 - a crashed worker must not lose the other runs
-                    status, action = "failed", f"failed: {type(e).__name__}: {e}"
-                done(futures[fut], status, action)
+        def finished(i: int, result: Any, error: Exception | None) -> None:
+            # a crashed worker must not lose the other runs
+            status, action = result if error is None else ("failed", f"failed: {type(error).__name__}: {error}")
+            done(pending[i], status, action)
+
+        try:
+            run_in_workers(_run_one, [(p, study.severities, False) for p in pending], jobs, finished,
+                           initializer=share_cores, initargs=(jobs,))
+        except KeyboardInterrupt:
+            write_report(study, plans, out, failed)
+            log("[study] stopped: no new run started; the runs in progress stopped at their last checkpoint. Run "
+                "the same command again to resume.")
+            raise
     return write_report(study, plans, out, failed)
 
 
