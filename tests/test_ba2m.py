@@ -343,9 +343,19 @@ def test_running_eval_equals_batch_eval_when_the_partition_is_the_batchs_own() -
     with torch.no_grad():
         m.running_log_z.fill_(_log_mean_exp(m.attention_scores(x)))
         m.z_tracked.fill_(1)
+        m.n_train.fill_(5)
     independent = m(x)
     m.eval_mode = "batch"
     torch.testing.assert_close(independent, m(x), atol=1e-12, rtol=1e-10)
+
+
+def test_running_eval_never_exceeds_the_largest_training_factor() -> None:
+    m = _make(score="literal")
+    m.train()(_x(n=4, seed=4))
+    with torch.no_grad():
+        m.running_log_z.fill_(-50.0)  # a test sample far above every training batch
+    s = m.eval().sample_scales(_x(n=3))
+    torch.testing.assert_close(s, torch.full_like(s, 4.0))  # N_train: what a one-hot training batch gives
 
 
 def test_checkpoint_without_the_partition_evaluates_as_the_expected_form() -> None:

@@ -33,13 +33,12 @@ Library choices:
 
   - ``"running"`` (default): keep the training batches' partition function as BatchNorm keeps its statistics,
     and weight each test sample by its own score against it: ``N·w_i = exp(A_i) / mean_j exp(A_j)`` becomes
-    ``exp(A_i - log Z)``, with ``log Z`` a running mean (``score_momentum``, as BatchNorm's ``momentum``; ``None``
-    is a cumulative mean) of each training batch's ``log mean_j exp(A_j)`` over the global batch, kept in the
-    buffer ``running_log_z``. ``"raw"`` divides that by ``N_train`` and ``"residual"`` adds 1. A layer with no
-    tracked batch (``z_tracked == 0``: never trained, or loaded from a checkpoint written before this buffer
-    existed) falls back to ``"expected"``, so old checkpoints evaluate as they did; :func:`update_running_scores`
-    fills the buffer of a trained model with one pass over training batches, as ``torch.optim.swa_utils.update_bn``
-    does for BatchNorm.
+    ``exp(A_i - log Z)``, capped at ``N_train`` (as in training), with ``log Z`` a running mean (``score_momentum``
+    as BatchNorm's ``momentum``; ``None``: cumulative) of each global training batch's ``log mean_j exp(A_j)``,
+    in the buffer ``running_log_z``. ``"raw"`` divides by ``N_train``, ``"residual"`` adds 1. With no tracked
+    batch (``z_tracked == 0``: never trained, or a checkpoint older than the buffer) it falls back to
+    ``"expected"``, so old checkpoints evaluate as they did; :func:`update_running_scores` fills the buffer from
+    training batches, as ``torch.optim.swa_utils.update_bn`` does for BatchNorm.
   - ``"expected"`` (METHODS.md's first choice, the default until the study below): multiply every sample by the
     **expected training factor** of its weight mode: 1 for ``"scaled"``, ``1/N_train`` for ``"raw"``,
     ``1 + 1/N_train`` for ``"residual"``. For ``"scaled"`` that is the identity: the attention is off at test.
@@ -375,8 +374,10 @@ class BA2M(nn.Module):
             self._check_input(x)
             return expected.expand(x.shape[0])
         scores = self._finite_scores(x)
-        rel = torch.exp(scores - self.running_log_z.to(scores.dtype))  # N·w_i against the training batches
-        inv_n = 1.0 / self.n_train.clamp(min=1).to(rel.dtype)
+        n_train = self.n_train.clamp(min=1).to(scores.dtype)
+        # N·w_i against the training batches, capped at N_train: no training batch could give a sample more
+        rel = torch.minimum(torch.exp(scores - self.running_log_z.to(scores.dtype)), n_train)
+        inv_n = 1.0 / n_train
         running = {"scaled": rel, "raw": rel * inv_n, "residual": 1.0 + rel * inv_n}[self.weight_mode]
         return torch.where(self.z_tracked > 0, running, expected.to(running.dtype))
 
