@@ -50,11 +50,13 @@ def _markers(tmp_path) -> list[str]:
     return sorted(p for p in os.listdir(tmp_path) if p.startswith("call"))
 
 
-@pytest.mark.parametrize("how", ["sigterm-to-the-parent", "a-worker-exits"])
+@pytest.mark.parametrize("how", ["sigterm-to-the-parent", "sigterm-with-sigint-ignored", "a-worker-exits"])
 def test_a_stop_starts_no_new_call_and_leaves_no_worker(tmp_path, how: str) -> None:
     calls = [(str(tmp_path / f"call{i}"), 60.0) for i in range(6)]
     fn = _mark_and_sleep
-    if how == "sigterm-to-the-parent":
+    ignored = how == "sigterm-with-sigint-ignored"  # as under nohup or `cmd &`: the workers inherit the ignore
+    previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignored else None
+    if how.startswith("sigterm"):
         # SIGTERM to this process once the first calls have started: it becomes KeyboardInterrupt
         def later() -> None:
             deadline = time.monotonic() + 60
@@ -68,8 +70,12 @@ def test_a_stop_starts_no_new_call_and_leaves_no_worker(tmp_path, how: str) -> N
     done: list[int] = []
     handler_before = signal.getsignal(signal.SIGTERM)
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_in_workers(fn, calls, 2, lambda i, r, e: done.append(i))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_in_workers(fn, calls, 2, lambda i, r, e: done.append(i))
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, previous_sigint)
     assert time.monotonic() - t0 < 45  # not the 3 x 60 s the queue would take
     assert len(_markers(tmp_path)) <= 2 and done == []  # the calls in progress were stopped; none started after
     assert signal.getsignal(signal.SIGTERM) == handler_before  # SIGTERM is only taken over while the calls run

@@ -33,6 +33,9 @@ _STOP: Any = None  # in a worker: the shared stop flag (a multiprocessing Event)
 def _init_worker(stop: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     global _STOP
     _STOP = stop
+    # react to the parent's SIGINT even when this process was started with SIGINT ignored (nohup, `cmd &` in a
+    # script: the children of such a parent inherit the ignore, and the stop would wait for the runs to finish)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if initializer is not None:
         initializer(*initargs)
 
