@@ -43,7 +43,12 @@ def _init_worker(stop: Any, initializer: Callable[..., None] | None, initargs: t
 def _call(fn: Callable[..., Any], args: tuple) -> Any:
     if _STOP is not None and _STOP.is_set():
         raise KeyboardInterrupt("the study was stopped before this call started")
-    return fn(*args)
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, SystemExit):  # stop this worker's next call before the parent has seen this one
+        if _STOP is not None:
+            _STOP.set()
+        raise
 
 
 @contextlib.contextmanager
