@@ -30,9 +30,10 @@ __all__ = ["run_in_workers"]
 _STOP: Any = None  # in a worker: the shared stop flag (a multiprocessing Event)
 
 
-def _init_worker(stop: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def _init_worker(stop: Any, pids: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
     global _STOP
     _STOP = stop
+    pids.put(os.getpid())  # so the parent can interrupt this worker without the pool's private process table
     # react to the parent's SIGINT even when this process was started with SIGINT ignored (nohup, `cmd &` in a
     # script: the children of such a parent inherit the ignore, and the stop would wait for the runs to finish)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -81,9 +82,9 @@ def run_in_workers(fn: Callable[..., Any], calls: Sequence[tuple], workers: int,
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = mp.get_context("spawn")
-    stop = ctx.Event()
+    stop, pids = ctx.Event(), ctx.SimpleQueue()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(stop, initializer, tuple(initargs)))
+                               initargs=(stop, pids, initializer, tuple(initargs)))
     try:
         with _sigterm_as_interrupt():
             try:
@@ -97,11 +98,10 @@ def run_in_workers(fn: Callable[..., Any], calls: Sequence[tuple], workers: int,
                         result, error = None, e
                     on_done(futures[fut], result, error)
             except KeyboardInterrupt:
-                stop.set()
-                # the pool's own processes (a private attribute of the stdlib pool, stable since Python 3.2)
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    with contextlib.suppress(ProcessLookupError, TypeError):
-                        os.kill(proc.pid, signal.SIGINT)
+                stop.set()  # a worker not started yet starts no call
+                while not pids.empty():  # every worker that has started
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pids.get(), signal.SIGINT)
                 raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
