@@ -208,7 +208,7 @@ def test_weak_backends_and_their_ops():
 
 
 def test_dataset_crop_padding_reaches_the_weak_augmentation():
-    from batchmates.config import DataInfo, RunConfig
+    from batchmates.config import ConfigError, DataInfo, RunConfig
     from batchmates.methods import get_method
 
     info = DataInfo("fashion-mnist", 10, 1, 28, (0.3,), (0.35,), crop_padding=2)
@@ -217,6 +217,12 @@ def test_dataset_crop_padding_reaches_the_weak_augmentation():
     # a checkpoint written before DataInfo had crop_padding rebuilds the augmentation it trained with
     old = DataInfo.from_dict({k: v for k, v in info.to_dict().items() if k != "crop_padding"})
     assert old.crop_padding is None and get_method("ce")(cfg, old).train_augment.ops[0].padding == 4
+    # the run's --crop-padding wins over the dataset's, 0 included (flips only)
+    for pad in (0, 3):
+        own = cfg.replace(crop_padding=pad).resolve()
+        assert get_method("ce")(own, info).train_augment.ops[0].padding == pad
+    with pytest.raises(ConfigError, match="crop_padding"):
+        cfg.replace(crop_padding=-1).resolve()
 
 
 def test_fashion_mnist_crop_padding_scales_with_the_image_size():

@@ -95,6 +95,8 @@ class RunConfig:
                                               "eval, resume and from_checkpoint rebuild it from here)", _D, flag="")
     image_size: int | None = _s(None, "resize every image to this many pixels (unset: the dataset's own size)", _D,
                                 minimum=1, metavar="PX")
+    crop_padding: int | None = _s(None, "zero padding of the supervised random crop (unset: the dataset's own; "
+                                  "round(image size / 8) unless the dataset sets one)", _D, minimum=0, metavar="PX")
     attn_layer: str | None = _s(None, "attention in every residual block: none, se, ba2m", _D, auto=True)
     epochs: int | None = _s(None, "training epochs", _O, auto=True, minimum=1)
     max_steps: int = _s(-1, "stop after this many optimiser steps (-1: no limit)", _O, rule="-1 (no limit) or >= 1",

@@ -254,8 +254,9 @@ class Method(L.LightningModule):
         from batchmates.data.augment import make_augment
 
         kwargs.setdefault("hflip", self.info.hflip)
-        if self.info.crop_padding is not None:  # the dataset's own crop padding (Fashion-MNIST: 2 px)
-            kwargs.setdefault("padding", self.info.crop_padding)
+        padding = self.cfg.crop_padding if self.cfg.crop_padding is not None else self.info.crop_padding
+        if padding is not None:  # the run's --crop-padding, else the dataset's own (Fashion-MNIST: 2 px)
+            kwargs.setdefault("padding", padding)
         return make_augment(self.info.image_size, self.info.in_channels, self.info.mean, self.info.std,
                             strength=strength, **kwargs)
 
