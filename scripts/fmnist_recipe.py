@@ -6,7 +6,11 @@
     python scripts/fmnist_recipe.py --epochs 10 --pad 4 --ls 0.1 --ema 0.999
     python scripts/fmnist_recipe.py --epochs 8 --pad 4 --widths 24,48,96,192
     python scripts/fmnist_recipe.py --epochs 12 --pad 2
-    python scripts/fmnist_recipe.py --epochs 15 --pad 2                       # the new default: 93.15%
+    python scripts/fmnist_recipe.py --epochs 15 --pad 2                       # 93.15% (the default until 1 px)
+    python scripts/fmnist_recipe.py --epochs 18 --pad 2 --seed S              # S = 0, 1
+    python scripts/fmnist_recipe.py --epochs 15 --pad 1 --seed S              # the default: S = 0, 1, 2
+    python scripts/fmnist_recipe.py --epochs 15 --pad 2 --seed S              # S = 1, 2 (its pairs)
+    python scripts/fmnist_recipe.py --epochs 15 --pad 0                       # flips only
 
 One torch thread, bf16 autocast unless ``--bf16 0``. Not part of the library: the trainer is ``batchmates train``.
 """

@@ -234,4 +234,4 @@ def test_fashion_mnist_crop_padding_scales_with_the_image_size():
         native, big = load_dataset("fashion-mnist"), load_dataset("fashion-mnist", image_size=56)
     except DatasetNotFoundError:
         pytest.skip("Fashion-MNIST files are not on this machine")
-    assert native.crop_padding == CROP_PADDING == 2 and big.crop_padding == 4
+    assert native.crop_padding == CROP_PADDING == 1 and big.crop_padding == 2

@@ -297,8 +297,8 @@ class DataInfo:
 
 
 # Per-dataset defaults for the auto settings (library choice; see the module docstring). Fashion-MNIST: 15 epochs
-# (issue 10, with the dataset's 2 px crop padding and bf16, seed 0: 93.15% test top-1 after 15 epochs, 92.78% after
-# 12).
+# (issue 10, with a 2 px crop padding and bf16, seed 0: 93.15% test top-1 after 15 epochs, 92.78% after 12; with the
+# dataset's 1 px padding, 93.70% over seeds 0-2: docs/benchmarks.md, "Recipe measurements").
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "digits": dict(backbone="cnn", epochs=8, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=5e-4,
                    warmup_epochs=0.0),

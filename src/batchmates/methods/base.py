@@ -255,7 +255,7 @@ class Method(L.LightningModule):
 
         kwargs.setdefault("hflip", self.info.hflip)
         padding = self.cfg.crop_padding if self.cfg.crop_padding is not None else self.info.crop_padding
-        if padding is not None:  # the run's --crop-padding, else the dataset's own (Fashion-MNIST: 2 px)
+        if padding is not None:  # the run's --crop-padding, else the dataset's own (Fashion-MNIST: 1 px)
             kwargs.setdefault("padding", padding)
         return make_augment(self.info.image_size, self.info.in_channels, self.info.mean, self.info.std,
                             strength=strength, **kwargs)
