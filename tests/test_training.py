@@ -55,7 +55,7 @@ def test_config_yaml_reloads_equal_and_reruns(ce_run: Path) -> None:
     cfg = RunConfig.from_yaml(str(ce_run / "config.yaml"))
     assert cfg.method == "ce" and cfg.epochs == 3 and cfg.seed == 1 and cfg.backbone == "cnn"
     assert cfg.options == {"label_smoothing": 0.0}
-    unset = ("data_dir", "threads", "pretrained_path", "backbone_spec", "image_size")  # None means "not used"
+    unset = ("data_dir", "threads", "pretrained_path", "backbone_spec", "image_size", "crop_padding")  # None: not used
     assert all(v is not None for k, v in cfg.to_dict().items() if k not in unset)
     assert RunConfig.from_yaml(cfg.to_yaml()) == cfg
     assert cfg.resolve() == cfg  # already concrete: resolving changes nothing
