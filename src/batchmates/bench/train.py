@@ -226,17 +226,13 @@ def _pair(name: str, a: BareLoop, b: BareLoop, block: int, rounds: int) -> tuple
 
 def step_variants(device: torch.device, quick: bool, ctx: dict[str, Any]) -> list[BenchRow]:
     """Augmentation path, bf16 vs fp32 and compile vs eager, each as an interleaved pair of bare loops."""
-    from batchmates.data.augment import make_augment
-
     model, cfg, loader = ctx["model"], ctx["cfg"], ctx["loader"]
-    info = model.info
     block, rounds = (3, 2) if quick else (10, 6)
     rows: list[BenchRow] = []
     bf16 = cfg.precision == "bf16-mixed"
 
-    def aug(backend: str) -> Any:
-        return make_augment(info.image_size, info.in_channels, info.mean, info.std, "weak", hflip=info.hflip,
-                            padding=info.crop_padding, backend=backend).to(device)
+    def aug(backend: str) -> Any:  # the run's own weak augmentation (its padding and flips) on each path
+        return model.make_augment("weak", backend=backend).to(device)
 
     def add(what: str, impl: str, ms: float, extra: dict[str, Any]) -> None:
         rows.append(BenchRow(BENCHMARK, f"{ctx['case']}: {what}", impl, ms, None, str(device),
