@@ -34,7 +34,9 @@ Library choices (our reconstruction from those names; the paper's equations were
   ``"running"`` is the default for both modes. On the domain-shift protocol (digits, ViT with IBA in every
   block, 3 seeds; train clean, test on 5 corruptions × 5 severities) it beat ``"sa"`` by about 3 points
   (MIBA +2.8 ± 1.1, EIBA +3.3 ± 1.7 corrupted top-1); for EIBA ``"bank"`` tied with it (+0.5 clean, -0.3
-  corrupted, within the seed spread) at O(M) times the eval cost, so it is an option. A layer without
+  corrupted, within the seed spread) at O(M) times the eval cost, so it is an option. On the Fashion-MNIST
+  study's claim-6 checkpoints (ViT, IBA in the last two blocks, 5 seeds, severity 3) ``"sa"`` lost 0.5 pp
+  clean in both modes and ``"bank"`` was level with ``"running"`` (docs/results.md). A layer without
   statistics (never trained, or loaded from a checkpoint written before they existed, or from a
   self-attention layer's weights) evaluates as self-attention alone, which is how such checkpoints were
   evaluated; ``has_statistics`` tells which.
